@@ -1,0 +1,56 @@
+"""FastAPI dependencies: the database session and the calling team."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from core.auth import team_for_key
+from core.db import get_sessionmaker
+from core.models import ApiKey, Team
+from core.settings import Settings, get_settings
+
+
+def get_session() -> Iterator[Session]:
+    """A session per request, committed on success."""
+    session = get_sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "Missing API key. Send 'Authorization: Bearer <key>'.", code="missing_api_key")
+    return token.strip()
+
+
+def get_current_key(request: Request, session: SessionDep) -> tuple[Team, ApiKey]:
+    """The team and key behind the request's bearer key; 401 if none."""
+    found = team_for_key(session, _bearer(request))
+    if found is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return found
+
+
+def get_current_team(found: Annotated[tuple[Team, ApiKey], Depends(get_current_key)]) -> Team:
+    """The calling team."""
+    return found[0]
+
+
+CurrentTeam = Annotated[Team, Depends(get_current_team)]

@@ -1,0 +1,34 @@
+"""Cursor paging for list endpoints: newest first, `after=<id>` and `limit`."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy import Select, and_, or_, select
+from sqlalchemy.orm import Session
+
+from api.errors import invalid
+
+T = TypeVar("T")
+MAX_LIMIT = 100
+
+
+def check_limit(limit: int) -> int:
+    """Refuse limits outside 1..100."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise invalid(f"limit must be between 1 and {MAX_LIMIT}", "limit")
+    return limit
+
+
+def page_newest_first(session: Session, query: Select, model, after: str | None, limit: int) -> tuple[list, bool]:
+    """Rows of `query` ordered newest first, starting after the row with id `after`."""
+    check_limit(limit)
+    if after:
+        cursor = session.execute(select(model.created_at, model.id).where(model.id == after)).first()
+        if cursor is not None:
+            created, cursor_id = cursor
+            query = query.where(
+                or_(model.created_at < created, and_(model.created_at == created, model.id < cursor_id))
+            )
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

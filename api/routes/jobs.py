@@ -1,0 +1,173 @@
+"""`/v1/fine_tuning/jobs`: create, list, follow and cancel fine-tuning jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api.deps import CurrentTeam, SessionDep, SettingsDep
+from api.errors import ApiError, invalid, not_found
+from api.pagination import check_limit, page_newest_first
+from core.db import session_scope
+from core.events import add_event
+from core.ids import new_id, now
+from core.leases import TERMINAL_STATUSES
+from core.models import BaseModelRecord, Checkpoint, File, Job, JobEvent, OutboxMessage, Team
+from core.queue import TRAIN_TASK
+from core.schemas.common import ListPage
+from core.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobListPage, JobPublic
+from core.schemas.training import resolve_training
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+STREAM_POLL_SECONDS = 0.5
+
+
+def get_team_job(session: SessionDep, team: CurrentTeam, job_id: str) -> Job:
+    """A job of the calling team, or 404."""
+    row = session.get(Job, job_id)
+    if row is None or row.team_id != team.id:
+        raise not_found("fine-tuning job", job_id)
+    return row
+
+
+def _usable_file(session, team: Team, file_id: str, param: str) -> File:
+    row = session.get(File, file_id)
+    if row is None or row.team_id != team.id:
+        raise invalid(f"No file found with id '{file_id}'.", param, "file_not_found")
+    if row.purpose != "fine-tune":
+        raise invalid(f"File '{file_id}' has purpose '{row.purpose}', not 'fine-tune'.", param)
+    if row.status != "processed":
+        detail = f": {row.status_details}" if row.status_details else ""
+        raise invalid(f"File '{file_id}' is not ready for training (status '{row.status}'){detail}", param,
+                      "file_not_processed")
+    return row
+
+
+@router.post("", response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> JobPublic:
+    """Validate the whole spec, then write the job and its dispatch in one transaction."""
+    if session.get(BaseModelRecord, body.model) is None:
+        known = ", ".join(session.scalars(select(BaseModelRecord.id)).all()) or "none registered"
+        raise invalid(f"Unknown base model '{body.model}' (available: {known}).", "model", "model_not_found")
+    training = _usable_file(session, team, body.training_file, "training_file")
+    if body.validation_file:
+        _usable_file(session, team, body.validation_file, "validation_file")
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    resolved = resolve_training(body.chosen_hyperparameters(), body.peft, training.n_examples, seed)
+    created = now()
+    job = Job(
+        id=new_id("ftjob"),
+        team_id=team.id,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        status="validating_files",
+        spec=body.model_dump(mode="json"),
+        resolved=resolved.model_dump(mode="json"),
+        suffix=body.suffix,
+        seed=seed,
+        user_metadata=body.metadata,
+        created_at=created,
+        deadline_at=created + settings.job_deadline_seconds,
+    )
+    session.add(job)
+    session.flush()
+    session.add(OutboxMessage(job_id=job.id, task=TRAIN_TASK, reason="created"))
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    session.flush()
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobListPage)
+def list_jobs(request: Request, session: SessionDep, team: CurrentTeam, after: str | None = None,
+              limit: int = Query(20)) -> JobListPage:
+    """The team's jobs, newest first; filter with `metadata[key]=value`."""
+    query = select(Job).where(Job.team_id == team.id)
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            query = query.where(Job.user_metadata[name[9:-1]].as_string() == value)
+    rows, has_more = page_newest_first(session, query, Job, after, limit)
+    data = [JobPublic.of(r) for r in rows]
+    return JobListPage(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                       last_id=data[-1].id if data else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def retrieve_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
+    """One job."""
+    return JobPublic.of(get_team_job(session, team, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
+    """Cancel a job; a running worker notices within one step and stops."""
+    job = get_team_job(session, team, job_id)
+    if job.status == "cancelled":
+        return JobPublic.of(job)
+    if job.status in TERMINAL_STATUSES:
+        raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be cancelled.", code="job_finished")
+    job.status = "cancelled"
+    job.finished_at = now()
+    job.lease_owner = None
+    job.lease_expires_at = None
+    add_event(session, job.id, "Job cancelled by the user.")
+    session.flush()
+    return JobPublic.of(job)
+
+
+@router.get("/{job_id}/events", response_model=None)
+def list_events(job_id: str, session: SessionDep, team: CurrentTeam, after: str | None = None,
+                limit: int = Query(20), stream: bool = False) -> ListPage[JobEventPublic] | StreamingResponse:
+    """The job's events, newest first; with `stream=true`, Server-Sent Events from the start, live."""
+    get_team_job(session, team, job_id)
+    check_limit(limit)
+    if stream:
+        return StreamingResponse(_stream_events(job_id), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after:
+        cursor = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
+        if cursor is not None:
+            query = query.where(JobEvent.seq < cursor)
+    rows = list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit + 1)))
+    return ListPage[JobEventPublic](data=[JobEventPublic.of(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def _stream_events(job_id: str) -> AsyncIterator[bytes]:
+    """Every event in order, then new ones as they are written, until the job ends."""
+    last_seq = 0
+    idle_polls = 0
+    while True:
+        with session_scope() as session:
+            rows = list(session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > last_seq).order_by(JobEvent.seq)
+            ))
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            payloads = [JobEventPublic.of(r).model_dump_json() for r in rows]
+        for row, payload in zip(rows, payloads):
+            last_seq = row.seq
+            yield f"data: {payload}\n\n".encode()
+        if not rows and (status is None or status in TERMINAL_STATUSES):
+            yield b"data: [DONE]\n\n"
+            return
+        idle_polls = 0 if rows else idle_polls + 1
+        if idle_polls and idle_polls % 30 == 0:
+            yield b": keep-alive\n\n"
+        if not rows:
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointPublic])
+def list_checkpoints(job_id: str, session: SessionDep, team: CurrentTeam, after: str | None = None,
+                     limit: int = Query(10)) -> ListPage[CheckpointPublic]:
+    """The job's checkpoints, newest first."""
+    job = get_team_job(session, team, job_id)
+    rows, has_more = page_newest_first(session, select(Checkpoint).where(Checkpoint.job_id == job_id),
+                                       Checkpoint, after, limit)
+    name = job.fine_tuned_model or f"ft:{job.model}:{job.id}"
+    return ListPage[CheckpointPublic](data=[CheckpointPublic.of(r, name) for r in rows], has_more=has_more)

@@ -1,0 +1,137 @@
+"""The `patchbay` command line: run roles, migrate, manage teams and base models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Patchbay: self-hosted fine-tuning and multi-adapter serving.", no_args_is_help=True)
+team_app = typer.Typer(help="Manage teams and their API keys.", no_args_is_help=True)
+models_app = typer.Typer(help="Manage base models.", no_args_is_help=True)
+app.add_typer(team_app, name="team")
+app.add_typer(models_app, name="models")
+
+HostOption = typer.Option("127.0.0.1", help="address to bind")
+PortOption = typer.Option(8000, help="port to bind")
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (alembic upgrade head)."""
+    from core.migrate import upgrade_head
+
+    upgrade_head()
+    typer.echo("database is at the newest revision")
+
+
+@app.command()
+def api(host: str = HostOption, port: int = PortOption) -> None:
+    """Run the HTTP API (with the outbox dispatcher and reconciler)."""
+    import uvicorn
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(concurrency: int = typer.Option(None, help="jobs run at once (default: settings)")) -> None:
+    """Run a training worker on the `train` queue."""
+    from core.queue import TRAIN_QUEUE
+    from core.settings import get_settings
+    from worker.celery_app import app as celery_app
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    concurrency = concurrency or get_settings().worker_concurrency
+    celery_app.worker_main([
+        "worker", "--queues", TRAIN_QUEUE, "--concurrency", str(concurrency), "--pool", "prefork",
+        "--max-tasks-per-child", "1", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ])
+
+
+@team_app.command("create")
+def team_create(name: str, admin: bool = typer.Option(False, help="the key may manage adapters at runtime")) -> None:
+    """Create a team (or reuse it) and print a new API key on stdout."""
+    from core.auth import create_api_key, create_team
+    from core.db import session_scope
+
+    with session_scope() as session:
+        team = create_team(session, name)
+        key = create_api_key(session, team, is_admin=admin)
+    typer.echo(key)
+
+
+@models_app.command("add")
+def models_add(model_id: str, path: Path) -> None:
+    """Register a local Hugging Face model folder as a base model."""
+    from core.base_models import BaseModelError, register_base_model
+    from core.db import session_scope
+
+    try:
+        with session_scope() as session:
+            record = register_base_model(session, model_id, path)
+            typer.echo(f"registered {record.id} -> {record.path} (sha256 {record.sha256[:12]}…)")
+    except BaseModelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _default_key() -> str:
+    """The default team's key, created once and kept in the data dir for local use."""
+    from core.auth import create_api_key, create_team
+    from core.db import session_scope
+    from core.settings import get_settings
+
+    settings = get_settings()
+    key_file = settings.data_dir / "default_api_key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    with session_scope() as session:
+        key = create_api_key(session, create_team(session, settings.default_team), is_admin=True)
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    return key
+
+
+@app.command()
+def serve(host: str = HostOption, port: int = PortOption) -> None:
+    """Run the API and a training worker as child processes on the configured stores."""
+    from core.migrate import upgrade_head
+
+    upgrade_head()
+    key = _default_key()
+    exe = [sys.executable, "-m", "core.cli"]
+    children = [
+        subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)]),
+        subprocess.Popen([*exe, "worker"]),
+    ]
+    typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\nAPI key (team 'default'): {key}\n")
+
+    def _stop(*_):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        raise typer.Exit(0)
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.5)
+    typer.echo("a child process exited; stopping the others", err=True)
+    _stop()
+
+
+if __name__ == "__main__":
+    app()

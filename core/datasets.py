@@ -1,0 +1,232 @@
+"""Dataset formats: line-by-line validation and a normalized example shape.
+
+The API validates uploads with `validate_jsonl`; the worker reads examples with
+`iter_examples`. Neither needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_REPORTED_ERRORS = 20
+
+
+@dataclass
+class Message:
+    """One chat turn; `weight=0` switches the loss off on an assistant turn."""
+
+    role: str
+    content: str
+    weight: int = 1
+
+
+@dataclass
+class Example:
+    """One training example in a format-independent shape."""
+
+    format: DatasetFormat
+    messages: list[Message] = field(default_factory=list)
+    prompt: str = ""
+    completion: str = ""
+    text: str = ""
+
+
+class LineError(ValueError):
+    """A dataset line that is not a valid example."""
+
+
+def _require_string(obj: dict, key: str, *, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise LineError(f"missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise LineError(f"field '{key}' must be a string")
+    if not allow_empty and not value.strip():
+        raise LineError(f"field '{key}' is empty")
+    return value
+
+
+def _reject_extra(obj: dict, allowed: set[str]) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise LineError(f"unexpected field(s): {', '.join(repr(k) for k in extra)}")
+
+
+def _parse_chat(obj: dict) -> Example:
+    _reject_extra(obj, {"messages"})
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise LineError("field 'messages' must be a non-empty list")
+    parsed: list[Message] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise LineError(f"{where} must be an object")
+        extra = sorted(set(message) - {"role", "content", "weight", "name"})
+        if extra:
+            raise LineError(f"{where} has unexpected field(s): {', '.join(map(repr, extra))}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise LineError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise LineError(f"{where}.content must be a string")
+        if not content.strip():
+            raise LineError(f"{where}.content is empty")
+        weight = message.get("weight", 1)
+        if "weight" in message and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+            raise LineError(f"{where}.weight must be 0 or 1, and only on assistant messages")
+        parsed.append(Message(role=role, content=content, weight=int(weight)))
+    if not any(m.role == "assistant" for m in parsed):
+        raise LineError("no assistant message: there is nothing to learn")
+    if not any(m.role == "assistant" and m.weight for m in parsed):
+        raise LineError("every assistant message has weight 0: there is nothing to learn")
+    return Example(format="chat", messages=parsed)
+
+
+def _parse_prompt_completion(obj: dict) -> Example:
+    _reject_extra(obj, {"prompt", "completion"})
+    return Example(
+        format="prompt_completion",
+        prompt=_require_string(obj, "prompt", allow_empty=True),
+        completion=_require_string(obj, "completion"),
+    )
+
+
+def _parse_alpaca(obj: dict) -> Example:
+    _reject_extra(obj, {"instruction", "input", "output"})
+    instruction = _require_string(obj, "instruction")
+    extra_input = _require_string(obj, "input", allow_empty=True) if "input" in obj else ""
+    output = _require_string(obj, "output")
+    user = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
+    return Example(
+        format="alpaca",
+        messages=[Message("user", user), Message("assistant", output)],
+    )
+
+
+def _parse_text(obj: dict) -> Example:
+    _reject_extra(obj, {"text"})
+    return Example(format="text", text=_require_string(obj, "text"))
+
+
+def detect_format(obj: dict) -> DatasetFormat:
+    """Name the format a JSON object is written in, from its keys."""
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion"
+    if "instruction" in obj or "output" in obj:
+        return "alpaca"
+    if "text" in obj:
+        return "text"
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        raise LineError("preference (DPO) examples are not supported by the supervised method")
+    raise LineError(
+        "unknown example format: expected 'messages' (chat), 'prompt'/'completion', "
+        "'instruction'/'output' (alpaca) or 'text'"
+    )
+
+
+_PARSERS = {
+    "chat": _parse_chat,
+    "prompt_completion": _parse_prompt_completion,
+    "alpaca": _parse_alpaca,
+    "text": _parse_text,
+}
+
+
+def parse_line(raw: bytes | str, expected: DatasetFormat | None = None) -> Example:
+    """Parse one JSONL line into an Example, or raise LineError saying why."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LineError(f"not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LineError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise LineError("each line must be a JSON object")
+    fmt = detect_format(obj)
+    if expected is not None and fmt != expected:
+        raise LineError(f"line is in {fmt} format, but the file started in {expected} format")
+    return _PARSERS[fmt](obj)
+
+
+@dataclass
+class ValidationReport:
+    """What `validate_jsonl` found: the format, the count and the first errors."""
+
+    format: DatasetFormat | None = None
+    n_examples: int = 0
+    n_errors: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.n_errors == 0 and self.n_examples > 0
+
+    def details(self) -> str | None:
+        """A readable summary for the file's `status_details`."""
+        if self.n_examples == 0 and self.n_errors == 0:
+            return "the file holds no examples"
+        if not self.n_errors:
+            return None
+        shown = "; ".join(self.errors)
+        more = self.n_errors - len(self.errors)
+        suffix = f"; and {more} more" if more > 0 else ""
+        return f"{self.n_errors} invalid line(s): {shown}{suffix}"
+
+
+class ReportBuilder:
+    """Feed lines one by one (streaming), then read `report`."""
+
+    def __init__(self) -> None:
+        self.report = ValidationReport()
+        self._line_no = 0
+
+    def feed(self, raw: bytes) -> None:
+        """Validate one line (without its newline)."""
+        self._line_no += 1
+        if not raw.strip():
+            return
+        try:
+            example = parse_line(raw, self.report.format)
+        except LineError as exc:
+            self.report.n_errors += 1
+            if len(self.report.errors) < MAX_REPORTED_ERRORS:
+                self.report.errors.append(f"line {self._line_no}: {exc}")
+            return
+        self.report.format = self.report.format or example.format
+        self.report.n_examples += 1
+
+
+def validate_jsonl(lines: Iterable[bytes]) -> ValidationReport:
+    """Validate JSONL lines (bytes, without newlines) and report."""
+    builder = ReportBuilder()
+    for raw in lines:
+        builder.feed(raw)
+    return builder.report
+
+
+def iter_examples(lines: Iterable[bytes]) -> Iterator[Example]:
+    """Yield the examples of an already validated file."""
+    fmt: DatasetFormat | None = None
+    for raw in lines:
+        if raw.strip():
+            example = parse_line(raw, fmt)
+            fmt = example.format
+            yield example
+
+
+def read_examples(path: str) -> list[Example]:
+    """Load every example of a validated JSONL file."""
+    with open(path, "rb") as fh:
+        return list(iter_examples(line.rstrip(b"\r\n") for line in fh))

@@ -1,0 +1,1 @@
+"""Pydantic wire shapes shared by the API and the worker."""
