@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from api.dispatch import DispatchLoop
 from api.errors import install_error_handlers
-from api.routes import files, health, jobs, models
+from api.routes import adapters, files, health, jobs, models
 from core.settings import get_settings
 
 
@@ -28,7 +28,7 @@ def create_app() -> FastAPI:
 
     app = FastAPI(title="Patchbay", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, files, jobs, models):
+    for module in (health, files, jobs, models, adapters):
         app.include_router(module.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

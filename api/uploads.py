@@ -48,7 +48,7 @@ class _LineValidator:
 class _FormSink:
     """Parser callbacks: the `file` part streams to storage, other parts are small fields."""
 
-    def __init__(self, storage: LocalStorage, key: str, limit: int) -> None:
+    def __init__(self, storage: LocalStorage, key: str, limit: int, validate_lines: bool) -> None:
         self.storage, self.key, self.limit = storage, key, limit
         self.result = UploadResult()
         self._header_field = b""
@@ -58,7 +58,7 @@ class _FormSink:
         self._value = bytearray()
         self._out = None
         self._hash = hashlib.sha256()
-        self._lines = _LineValidator()
+        self._lines = _LineValidator() if validate_lines else None
 
     def on_part_begin(self) -> None:
         self._headers, self._name, self._value = {}, None, bytearray()
@@ -90,7 +90,8 @@ class _FormSink:
                 raise ApiError(413, f"The file is larger than the limit of {self.limit} bytes.", param="file",
                                code="file_too_large")
             self._hash.update(chunk)
-            self._lines.feed(chunk)
+            if self._lines:
+                self._lines.feed(chunk)
             self._out.write(chunk)
         else:
             self._value += chunk
@@ -105,7 +106,7 @@ class _FormSink:
         if self._out is not None:
             self._out.close()
             self.result.sha256 = self._hash.hexdigest()
-            self.result.report = self._lines.finish()
+            self.result.report = self._lines.finish() if self._lines else None
         return self.result
 
     def abort(self) -> None:
@@ -114,8 +115,12 @@ class _FormSink:
         self.storage.delete(self.key)
 
 
-async def receive_upload(request: Request, storage: LocalStorage, key: str, limit: int) -> UploadResult:
-    """Stream a multipart/form-data body: its `file` part lands at `key` in storage."""
+async def receive_upload(request: Request, storage: LocalStorage, key: str, limit: int,
+                         validate_lines: bool = True) -> UploadResult:
+    """Stream a multipart/form-data body: its `file` part lands at `key` in storage.
+
+    With `validate_lines`, the file is also checked as a JSONL dataset while it streams.
+    """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.", code="file_too_large")
@@ -123,7 +128,7 @@ async def receive_upload(request: Request, storage: LocalStorage, key: str, limi
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise invalid("Send the upload as multipart/form-data with fields 'file' and 'purpose'.", "file")
-    sink = _FormSink(storage, key, limit)
+    sink = _FormSink(storage, key, limit, validate_lines)
     callbacks = {name: getattr(sink, name) for name in dir(sink) if name.startswith("on_")}
     parser = MultipartParser(boundary, callbacks)
     try:

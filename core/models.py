@@ -145,6 +145,7 @@ class Adapter(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="ready")
+    source: Mapped[str] = mapped_column(String(16), default="job", server_default="job")
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
     __table_args__ = (UniqueConstraint("team_id", "name", "version", name="uq_adapters_name_version"),)
@@ -162,3 +163,30 @@ class OutboxMessage(Base):
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class AdapterAlias(Base):
+    """A movable name such as `support-bot:prod`, pointing at one version of an adapter."""
+
+    __tablename__ = "adapter_aliases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    alias: Mapped[str] = mapped_column(String(64))
+    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+    __table_args__ = (UniqueConstraint("team_id", "name", "alias", name="uq_adapter_aliases_name_alias"),)
+
+
+class AdapterAliasEvent(Base):
+    """The history of an alias: every move, for audit and rollback."""
+
+    __tablename__ = "adapter_alias_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    alias: Mapped[str] = mapped_column(String(64))
+    adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now, index=True)

@@ -34,6 +34,17 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, description="training jobs one worker runs at once")
     default_team: str = Field("default", description="team that `patchbay serve` creates")
 
+    inference_url: str = Field(
+        "http://127.0.0.1:8001", description="inference server(s) the API forwards to; comma-separated replicas"
+    )
+    inference_base_model: str = Field("smollm2-135m-instruct", description="base model the inference server loads")
+    inference_quantization: str = Field("none", description="inference base: 'nf4-dq' (4-bit) or 'none'")
+    max_loaded_adapters: int = Field(8, description="adapters resident in an inference server (LRU beyond)")
+    max_lora_rank: int = Field(64, description="largest LoRA rank accepted for import and serving")
+    pinned_adapters: str = Field("", description="comma-separated adapter refs loaded at start and never evicted")
+    merged_adapter: str | None = Field(None, description="serve this one adapter merged into the base")
+    registry_poll_seconds: float = Field(2.0, description="alias/publish polling when the broker is not Redis")
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_database_url(self) -> str:
@@ -45,6 +56,11 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         """The Celery broker URL in force."""
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def inference_urls(self) -> list[str]:
+        """Every inference replica's base URL."""
+        return [u.strip().rstrip("/") for u in self.inference_url.split(",") if u.strip()]
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -96,3 +96,13 @@ def sha256_file(path: Path) -> str:
 def get_storage() -> LocalStorage:
     """The configured storage backend."""
     return LocalStorage(get_settings().resolved_storage_dir)
+
+
+def folder_sha256(folder: Path) -> tuple[str, int]:
+    """A digest over every file's name and sha256 in a folder, and the folder's byte count."""
+    digest = hashlib.sha256()
+    size = 0
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+        size += path.stat().st_size
+    return digest.hexdigest(), size

@@ -15,7 +15,7 @@ pytest_plugins = ["tests.support.services", "tests.support.api_app"]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a safetensors folder."""
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template, as a safetensors folder."""
     from tests.support.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

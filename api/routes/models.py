@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep
 from api.errors import not_found
-from core.models import Adapter, BaseModelRecord
+from api.routes.adapters import delete_adapter_row
+from core.models import Adapter, AdapterAlias, BaseModelRecord
+from core.registry import find_team_adapter
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.models import ModelPublic
-from core.storage import get_storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -25,15 +26,22 @@ def list_models(session: SessionDep, team: CurrentTeam) -> ListPage[ModelPublic]
     """Every base model, then the team's adapters."""
     bases = [ModelPublic(id=b.id, created=int(b.created_at), owned_by="patchbay", root=b.id)
              for b in session.scalars(select(BaseModelRecord).order_by(BaseModelRecord.id))]
-    adapters = [_adapter_model(a, team.name) for a in session.scalars(
-        select(Adapter).where(Adapter.team_id == team.id, Adapter.status != "deleted").order_by(Adapter.created_at)
-    )]
-    return ListPage[ModelPublic](data=bases + adapters, has_more=False)
+    rows = list(session.scalars(
+        select(Adapter).where(Adapter.team_id == team.id, Adapter.status == "ready").order_by(Adapter.created_at)))
+    by_id = {row.id: row for row in rows}
+    adapters = [_adapter_model(a, team.name) for a in rows]
+    aliases = [
+        ModelPublic(id=f"{alias.name}:{alias.alias}", created=int(alias.updated_at), owned_by=team.name,
+                    parent=by_id[alias.adapter_id].base_model, root=by_id[alias.adapter_id].base_model)
+        for alias in session.scalars(select(AdapterAlias).where(AdapterAlias.team_id == team.id)
+                                     .order_by(AdapterAlias.name, AdapterAlias.alias))
+        if alias.adapter_id in by_id
+    ]
+    return ListPage[ModelPublic](data=bases + adapters + aliases, has_more=False)
 
 
 def _team_adapter(session, team, model_id: str) -> Adapter:
-    row = session.scalar(select(Adapter).where(
-        Adapter.team_id == team.id, or_(Adapter.fine_tuned_model == model_id, Adapter.id == model_id)))
+    row = find_team_adapter(session, team.id, model_id)
     if row is None:
         raise not_found("model", model_id)
     return row
@@ -51,8 +59,5 @@ def retrieve_model(model_id: str, session: SessionDep, team: CurrentTeam) -> Mod
 @router.delete("/{model_id:path}", response_model=DeletedObject)
 def delete_model(model_id: str, session: SessionDep, team: CurrentTeam) -> DeletedObject:
     """Delete one of the team's fine-tuned models and its stored adapter."""
-    row = _team_adapter(session, team, model_id)
-    session.delete(row)
-    session.flush()
-    get_storage().delete(row.storage_key)
+    delete_adapter_row(session, _team_adapter(session, team, model_id))
     return DeletedObject(id=model_id, object="model")

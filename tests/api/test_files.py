@@ -96,7 +96,7 @@ def test_missing_fields_and_bad_purpose_are_400(api):
 
 
 def test_too_large_upload_is_413_and_leaves_nothing(api):
-    response = upload(api, b'{"text": "' + b"x" * (70 * 1024) + b'"}')
+    response = upload(api, b'{"text": "' + b"x" * (1100 * 1024) + b'"}')
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "file_too_large"
     assert api.client.get("/v1/files", headers=api.headers()).json()["data"] == []

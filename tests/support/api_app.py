@@ -37,7 +37,7 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -
     """The API on SQLite with teams `acme` and `globex` and the tiny model as `tiny-llama`."""
     monkeypatch.setenv("PATCHBAY_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("PATCHBAY_RUN_DISPATCHER", "false")
-    monkeypatch.setenv("PATCHBAY_MAX_UPLOAD_BYTES", str(64 * 1024))
+    monkeypatch.setenv("PATCHBAY_MAX_UPLOAD_BYTES", str(1024 * 1024))
     for name in ("PATCHBAY_DATABASE_URL", "PATCHBAY_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
     clear_caches()

@@ -48,9 +48,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    """A fresh Postgres database for one test, dropped afterwards."""
+    """A fresh Postgres database for one test module, dropped afterwards."""
     import sqlalchemy as sa
 
     name = f"patchbay_test_{secrets.token_hex(4)}"
@@ -66,7 +66,7 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A Redis database number of its own, flushed before and after."""
     import redis

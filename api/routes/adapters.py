@@ -1,0 +1,166 @@
+"""`/v1/adapters`: the team's adapter registry: list, inspect, download, import, delete, aliases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from starlette.background import BackgroundTask
+
+from api.deps import CurrentTeam, SessionDep, SettingsDep
+from api.errors import invalid, not_found
+from api.pagination import page_newest_first
+from api.uploads import receive_upload
+from core.adapter_check import AdapterCheckError, check_adapter_folder
+from core.archives import ArchiveError, extract_archive, write_tar_gz
+from core.ids import new_id
+from core.models import Adapter, AdapterAliasEvent, BaseModelRecord
+from core.notify import announce
+from core.registry import aliases_of, drop_aliases_to, find_team_adapter, move_alias, new_adapter_row
+from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
+from core.schemas.common import DeletedObject, ListPage
+from core.storage import folder_sha256, get_storage, sha256_file
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+KEPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
+def get_team_adapter(session, team, ref: str) -> Adapter:
+    """An adapter of the calling team by id or name reference, or 404."""
+    row = find_team_adapter(session, team.id, ref)
+    if row is None:
+        raise not_found("adapter", ref)
+    return row
+
+
+def _public(session, rows: list[Adapter]) -> list[AdapterPublic]:
+    aliases = aliases_of(session, [r.id for r in rows])
+    return [AdapterPublic.of(r, aliases.get(r.id)) for r in rows]
+
+
+@router.get("", response_model=ListPage[AdapterPublic])
+def list_adapters(session: SessionDep, team: CurrentTeam, name: str | None = None, after: str | None = None,
+                  limit: int = Query(100)) -> ListPage[AdapterPublic]:
+    """The team's adapters, newest first."""
+    query = select(Adapter).where(Adapter.team_id == team.id, Adapter.status == "ready")
+    if name:
+        query = query.where(Adapter.name == name)
+    rows, has_more = page_newest_first(session, query, Adapter, after, limit)
+    return ListPage[AdapterPublic](data=_public(session, rows), has_more=has_more)
+
+
+@router.get("/{ref}", response_model=AdapterPublic)
+def retrieve_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> AdapterPublic:
+    """One adapter, by id, fine-tuned model name, `name@version`, `name:alias` or `name`."""
+    return _public(session, [get_team_adapter(session, team, ref)])[0]
+
+
+@router.get("/{ref}/download")
+def download_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> FileResponse:
+    """The PEFT folder plus our metadata, as tar.gz."""
+    row = get_team_adapter(session, team, ref)
+    scratch = Path(tempfile.mkdtemp(prefix="patchbay-download-"))
+    arcname = f"{row.name}-v{row.version}"
+    archive = write_tar_gz(get_storage().path(row.storage_key), scratch / f"{arcname}.tar.gz", arcname)
+    return FileResponse(archive, media_type="application/gzip", filename=archive.name,
+                        background=BackgroundTask(shutil.rmtree, scratch, True))
+
+
+@router.post("/import", response_model=AdapterPublic)
+async def import_adapter(request: Request, session: SessionDep, team: CurrentTeam,
+                         settings: SettingsDep) -> AdapterPublic:
+    """Take an adapter trained elsewhere (tar.gz or zip of a PEFT LoRA folder), after checking it."""
+    storage = get_storage()
+    upload_key = f"imports/{new_id('upload')}"
+    result = await receive_upload(request, storage, upload_key, settings.max_upload_bytes, validate_lines=False)
+    scratch = Path(tempfile.mkdtemp(prefix="patchbay-import-"))
+    try:
+        fields = result.fields
+        if result.filename is None:
+            raise invalid("The form field 'file' (a tar.gz or zip of the adapter folder) is required.", "file")
+        name = fields.get("name", "").strip()
+        if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
+            raise invalid("The form field 'name' is required: letters, digits, '.', '_' and '-'.", "name")
+        base = session.get(BaseModelRecord, fields.get("base_model", ""))
+        if base is None:
+            raise invalid(f"Unknown base model '{fields.get('base_model', '')}'.", "base_model", "model_not_found")
+        try:
+            folder = extract_archive(storage.path(upload_key), scratch / "unpacked", settings.max_upload_bytes)
+            summary = check_adapter_folder(folder, Path(base.path), settings.max_lora_rank)
+        except ArchiveError as exc:
+            raise invalid(f"Archive refused: {exc}.", "file", "invalid_archive") from None
+        except AdapterCheckError as exc:
+            raise invalid(f"Adapter check '{exc.check}' failed: {exc}.", "file", f"adapter_{exc.check}") from None
+        clean = scratch / "clean"
+        clean.mkdir()
+        for file_name in KEPT_FILES:
+            if (folder / file_name).is_file():
+                shutil.copy2(folder / file_name, clean / file_name)
+        adapter_id = new_id("adapter")
+        files = {p.name: sha256_file(p) for p in sorted(clean.iterdir())}
+        (clean / "patchbay.json").write_text(json.dumps({
+            "format": "patchbay.adapter/v1", "source": "import", "base_model": {"id": base.id, "sha256": base.sha256},
+            "method": "lora", "rank": summary.rank, "alpha": summary.alpha, "files": files,
+            "trainable_params": summary.trainable_params}, indent=2, sort_keys=True))
+        sha, size = folder_sha256(clean)
+        storage.put_dir(f"adapters/{adapter_id}", clean)
+        row = new_adapter_row(
+            session, id=adapter_id, team_id=team.id, name=name, fine_tuned_model=None, base_model=base.id,
+            job_id=None, storage_key=f"adapters/{adapter_id}", method="lora", rank=summary.rank,
+            target_modules=summary.target_modules, trainable_params=summary.trainable_params, bytes=size,
+            sha256=sha, metrics={}, status="ready", source="import")
+        session.commit()
+        announce("published", team_id=team.id, adapter_id=row.id, name=row.name, version=row.version)
+        return _public(session, [row])[0]
+    finally:
+        storage.delete(upload_key)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@router.delete("/{ref}", response_model=DeletedObject)
+def delete_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> DeletedObject:
+    """Delete one adapter version and its stored files; aliases pointing at it go too."""
+    row = get_team_adapter(session, team, ref)
+    delete_adapter_row(session, row)
+    return DeletedObject(id=row.id, object="adapter")
+
+
+def delete_adapter_row(session, row: Adapter) -> None:
+    """Retire an adapter version (its number is never reused), drop its aliases and files, tell servers."""
+    row.status = "deleted"
+    drop_aliases_to(session, row)
+    session.commit()
+    get_storage().delete(row.storage_key)
+    announce("deleted", team_id=row.team_id, adapter_id=row.id)
+
+
+@router.post("/{name}/aliases", response_model=AdapterPublic)
+def set_alias(name: str, body: AliasMove, session: SessionDep, team: CurrentTeam) -> AdapterPublic:
+    """Point `name:alias` at a version (promote or roll back); the move is recorded."""
+    if (body.version is None) == (body.adapter_id is None):
+        raise invalid("Give exactly one of 'version' or 'adapter_id'.", "version")
+    ref = f"{name}@{body.version}" if body.version is not None else body.adapter_id
+    target = find_team_adapter(session, team.id, ref)
+    if target is None or target.name != name:
+        raise not_found("adapter version", ref, "version" if body.version is not None else "adapter_id")
+    event = move_alias(session, team.id, name, body.alias, target)
+    session.commit()
+    announce("alias_moved", team_id=team.id, name=name, alias=body.alias, adapter_id=target.id,
+             previous_adapter_id=event.previous_adapter_id)
+    return _public(session, [target])[0]
+
+
+@router.get("/{name}/aliases", response_model=ListPage[AliasEventPublic])
+def alias_history(name: str, session: SessionDep, team: CurrentTeam) -> ListPage[AliasEventPublic]:
+    """Every move of every alias of `name`, newest first."""
+    if find_team_adapter(session, team.id, name) is None:
+        raise not_found("adapter", name)
+    rows = session.scalars(select(AdapterAliasEvent).where(AdapterAliasEvent.team_id == team.id,
+                                                           AdapterAliasEvent.name == name)
+                           .order_by(AdapterAliasEvent.id.desc()))
+    return ListPage[AliasEventPublic](data=[AliasEventPublic.of(r) for r in rows], has_more=False)

@@ -1,0 +1,69 @@
+"""Adapter registry shapes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.models import Adapter, AdapterAliasEvent
+
+
+class AdapterPublic(BaseModel):
+    """One published adapter version."""
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    version: int
+    fine_tuned_model: str | None
+    base_model: str
+    method: str
+    rank: int | None
+    target_modules: list[str]
+    trainable_params: int
+    bytes: int
+    sha256: str
+    metrics: dict[str, Any]
+    job_id: str | None
+    source: str
+    status: str
+    created_at: int
+    aliases: list[str] = []
+
+    @classmethod
+    def of(cls, row: Adapter, aliases: list[str] | None = None) -> "AdapterPublic":
+        """Render an Adapter row."""
+        return cls(
+            id=row.id, name=row.name, version=row.version, fine_tuned_model=row.fine_tuned_model,
+            base_model=row.base_model, method=row.method, rank=row.rank, target_modules=row.target_modules or [],
+            trainable_params=row.trainable_params, bytes=row.bytes, sha256=row.sha256, metrics=row.metrics or {},
+            job_id=row.job_id, source=row.source, status=row.status, created_at=int(row.created_at),
+            aliases=sorted(aliases or []),
+        )
+
+
+class AliasMove(BaseModel):
+    """`POST /v1/adapters/{name}/aliases`: point an alias at a version."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    version: int | None = Field(None, ge=1)
+    adapter_id: str | None = None
+
+
+class AliasEventPublic(BaseModel):
+    """One move in an alias's history."""
+
+    object: Literal["adapter.alias"] = "adapter.alias"
+    name: str
+    alias: str
+    adapter_id: str | None
+    previous_adapter_id: str | None
+    created_at: int
+
+    @classmethod
+    def of(cls, row: AdapterAliasEvent) -> "AliasEventPublic":
+        """Render an alias event."""
+        return cls(name=row.name, alias=row.alias, adapter_id=row.adapter_id,
+                   previous_adapter_id=row.previous_adapter_id, created_at=int(row.created_at))

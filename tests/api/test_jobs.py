@@ -1,0 +1,123 @@
+"""`/v1/fine_tuning/jobs`: spec validation, resolution of "auto", listing, cancel and events."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.datasets import chat_lines, to_jsonl
+
+
+@pytest.fixture
+def training_file(api) -> str:
+    response = api.client.post("/v1/files", headers=api.headers(), data={"purpose": "fine-tune"},
+                               files={"file": ("train.jsonl", to_jsonl(chat_lines(40)))})
+    return response.json()["id"]
+
+
+def create(api, **body):
+    return api.client.post("/v1/fine_tuning/jobs", headers=api.headers(), json=body)
+
+
+def test_create_resolves_auto_and_answers_at_once(api, training_file):
+    response = create(api, model="tiny-llama", training_file=training_file, suffix="bot", seed=7,
+                      metadata={"team": "search"})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "validating_files"
+    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 1.0}
+    assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": job["hyperparameters"]}}
+    assert job["peft"]["method"] == "qlora" and job["peft"]["quantization"] == "nf4-dq"
+    assert job["peft"]["alpha"] == 32 and job["peft"]["learning_rate"] == pytest.approx(2e-4)
+    assert job["seed"] == 7 and job["suffix"] == "bot" and job["metadata"] == {"team": "search"}
+    assert job["fine_tuned_model"] is None and job["error"] is None and job["result_files"] == []
+    events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=api.headers()).json()
+    assert events["data"][0]["message"].startswith("Created fine-tuning job")
+
+
+def test_method_form_and_peft_extension(api, training_file):
+    job = create(api, model="tiny-llama", training_file=training_file,
+                 method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4,
+                                                                                  "learning_rate_multiplier": 0.5}}},
+                 peft={"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}).json()
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    assert job["peft"]["quantization"] == "none" and job["peft"]["target_modules"] == ["q_proj", "v_proj"]
+    assert job["peft"]["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_invalid_spec_names_first_field_and_lists_all(api, training_file):
+    response = create(api, model="tiny-llama", training_file=training_file,
+                      hyperparameters={"n_epochs": 0}, peft={"r": 0, "dropout": 2, "bogus": True})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "hyperparameters"
+    for field in ("hyperparameters", "peft.r", "peft.dropout", "peft.bogus"):
+        assert field in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "nope"}, "model"),
+    ({"training_file": "file-missing"}, "training_file"),
+    ({"validation_file": "file-missing"}, "validation_file"),
+    ({"suffix": "x" * 65}, "suffix"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"peft": {"method": "qlora", "quantization": "none"}}, "peft"),
+    ({"peft": {"method": "loha"}}, "peft.method"),
+    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
+])
+def test_bad_specs_are_400_naming_the_field(api, training_file, body, param):
+    response = create(api, **{"model": "tiny-llama", "training_file": training_file, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_file_in_error_or_of_another_team_is_400(api):
+    bad = api.client.post("/v1/files", headers=api.headers(), data={"purpose": "fine-tune"},
+                          files={"file": ("bad.jsonl", b"{nope")}).json()["id"]
+    response = create(api, model="tiny-llama", training_file=bad)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "file_not_processed"
+    theirs = api.client.post("/v1/files", headers=api.headers(api.other_key), data={"purpose": "fine-tune"},
+                             files={"file": ("t.jsonl", to_jsonl(chat_lines(3)))}).json()["id"]
+    response = create(api, model="tiny-llama", training_file=theirs)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "training_file"
+
+
+def test_body_that_is_not_json_is_400(api):
+    response = api.client.post("/v1/fine_tuning/jobs", headers={**api.headers(), "Content-Type": "application/json"},
+                               content=b"{not json")
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_list_filters_by_metadata_and_pages(api, training_file):
+    ids = [create(api, model="tiny-llama", training_file=training_file, metadata={"n": str(i % 2)}).json()["id"]
+           for i in range(3)]
+    page = api.client.get("/v1/fine_tuning/jobs", headers=api.headers(), params={"limit": 2}).json()
+    assert page["has_more"] is True and page["first_id"] == ids[2] and page["last_id"] == ids[1]
+    only = api.client.get("/v1/fine_tuning/jobs?metadata[n]=0", headers=api.headers()).json()
+    assert sorted(j["id"] for j in only["data"]) == sorted([ids[0], ids[2]])
+
+
+def test_cancel_is_final_and_idempotent(api, training_file):
+    job_id = create(api, model="tiny-llama", training_file=training_file).json()["id"]
+    first = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=api.headers())
+    assert first.json()["status"] == "cancelled" and first.json()["finished_at"]
+    again = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=api.headers())
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+
+def test_event_stream_replays_and_ends_when_the_job_has_ended(api, training_file):
+    job_id = create(api, model="tiny-llama", training_file=training_file).json()["id"]
+    api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=api.headers())
+    with api.client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true", headers=api.headers()) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert "Created fine-tuning job" in lines[0] and "cancelled" in lines[-2]
+
+
+def test_checkpoints_list_is_empty_before_training(api, training_file):
+    job_id = create(api, model="tiny-llama", training_file=training_file).json()["id"]
+    page = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=api.headers()).json()
+    assert page == {"object": "list", "data": [], "has_more": False}

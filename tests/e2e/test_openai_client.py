@@ -1,0 +1,49 @@
+"""The official `openai` package works against Patchbay unchanged."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.support.flows import FAST_QLORA, write_dataset
+from tests.support.services import make_stack, wait_for_status
+
+pytestmark = pytest.mark.slow
+
+
+def test_openai_sdk_files_and_fine_tuning_jobs(tmp_path, postgres_url, redis_url, tiny_model_dir):
+    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir)
+    try:
+        stack.start_api()
+        stack.start_worker()
+        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.key, max_retries=0)
+        with open(write_dataset(tmp_path), "rb") as fh:
+            uploaded = client.files.create(file=fh, purpose="fine-tune")
+        assert uploaded.id.startswith("file-") and uploaded.status == "processed"
+
+        job = client.fine_tuning.jobs.create(
+            model="tiny-llama", training_file=uploaded.id, suffix="sdk", seed=5,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+            extra_body={"peft": FAST_QLORA})
+        assert job.status in ("validating_files", "queued") and job.hyperparameters.n_epochs == 2
+        assert client.fine_tuning.jobs.retrieve(job.id).id == job.id
+        assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=10)]
+        with stack.client() as http:
+            done = wait_for_status(http, job.id, ("succeeded", "failed"), stack=stack)
+        assert done["status"] == "succeeded"
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        assert any(e.type == "metrics" for e in events)
+
+        doomed = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
+        assert client.fine_tuning.jobs.cancel(doomed.id).status == "cancelled"
+
+        with pytest.raises(openai.NotFoundError):
+            client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.fine_tuning.jobs.create(model="no-such-model", training_file=uploaded.id)
+        assert bad.value.body["param"] == "model"
+        unauthorized = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            unauthorized.files.list()
+    finally:
+        stack.stop()

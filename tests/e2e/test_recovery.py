@@ -1,0 +1,95 @@
+"""Nothing lost, nothing run twice: worker crash, lost queue message, cancel."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from tests.support.flows import FAST_QLORA, upload_with_curl, write_dataset
+from tests.support.services import all_events, make_stack, wait_for_status
+
+pytestmark = pytest.mark.slow
+LONG_JOB = {**FAST_QLORA, "checkpoint_every_steps": 10, "max_steps": 400}
+
+
+@pytest.fixture
+def stack(tmp_path, postgres_url, redis_url, tiny_model_dir):
+    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir)
+    stack.start_api()
+    yield stack
+    stack.stop()
+
+
+def _create(stack, tmp_path, peft: dict, epochs: int = 50) -> str:
+    file_id = upload_with_curl(stack, write_dataset(tmp_path, n=32))["id"]
+    with stack.client() as client:
+        response = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": file_id, "seed": 3,
+            "hyperparameters": {"n_epochs": epochs, "batch_size": 4}, "peft": peft})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def _wait_for_checkpoint(client, job_id: str, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+        if data:
+            return data[0]["step_number"]
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint was written")
+
+
+def test_worker_killed_mid_training_resumes_from_checkpoint(stack, tmp_path):
+    job_id = _create(stack, tmp_path, {**LONG_JOB, "max_steps": 120})
+    worker = stack.start_worker()
+    with stack.client() as client:
+        step = _wait_for_checkpoint(client, job_id)
+        assert step > 0
+        stack.kill(worker)  # SIGKILL to the worker and its pool child
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
+        stack.start_worker()
+        final = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), stack=stack)
+        assert final["status"] == "succeeded", (final, stack.logs())
+        events = all_events(client, job_id)
+    resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in e.get("data", {})]
+    assert resumed and resumed[0] >= step > 0, [e["message"] for e in events]
+    assert any("stopped renewing its lease" in e["message"] for e in events)
+    published = [e for e in events if e["message"].startswith("New fine-tuned model created")]
+    assert len(published) == 1
+    with stack.client() as client:
+        models = [m for m in client.get("/v1/models").json()["data"] if m.get("parent") == "tiny-llama"]
+    assert [m["id"] for m in models] == [final["fine_tuned_model"]]
+
+
+def test_lost_queue_message_is_redispatched(stack, tmp_path, redis_url):
+    job_id = _create(stack, tmp_path, FAST_QLORA, epochs=1)
+    with stack.client() as client:
+        wait_for_status(client, job_id, ("queued",), timeout=30, stack=stack)
+        time.sleep(0.5)  # the dispatcher marks the message sent right after queuing
+        redis.Redis.from_url(redis_url).flushdb()  # the broker forgets the message
+        stack.start_worker()
+        final = wait_for_status(client, job_id, ("succeeded", "failed"), stack=stack)
+        assert final["status"] == "succeeded", (final, stack.logs())
+        messages = [e["message"] for e in all_events(client, job_id)]
+    assert any("Re-dispatching" in m for m in messages), messages
+
+
+def test_cancel_stops_a_running_job_within_ten_seconds(stack, tmp_path):
+    job_id = _create(stack, tmp_path, LONG_JOB)
+    stack.start_worker()
+    with stack.client() as client:
+        _wait_for_checkpoint(client, job_id)
+        started = time.monotonic()
+        assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        while time.monotonic() - started < 10:
+            messages = [e["message"] for e in all_events(client, job_id)]
+            if any(m.startswith("Training stopped") for m in messages):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the worker did not stop within 10 s: {stack.logs()}")
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None

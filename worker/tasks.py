@@ -1,0 +1,119 @@
+"""Thin Celery tasks: take the lease, run the recipe, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+from core.datasets import read_examples
+from core.db import session_scope
+from core.events import add_event
+from core.ids import now
+from core.leases import acquire_lease, finish_job
+from core.models import BaseModelRecord, File, Job
+from core.notify import announce
+from core.queue import TRAIN_TASK
+from core.settings import get_settings
+from core.storage import get_storage
+from worker.celery_app import app
+from worker.job_context import DbJobContext, LeaseHeartbeat
+
+log = logging.getLogger("patchbay.worker")
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@app.task(name=TRAIN_TASK)
+def train(job_id: str) -> str:
+    """Run one fine-tuning job, unless another worker already holds it."""
+    return run_job(job_id)
+
+
+def run_job(job_id: str) -> str:
+    """Take the job's lease and train it to an outcome. Returns what happened."""
+    settings = get_settings()
+    owner = _worker_id()
+    with session_scope() as session:
+        if not acquire_lease(session, job_id, owner, settings.lease_seconds):
+            log.info("job %s is not ours to run (finished, cancelled or held elsewhere)", job_id)
+            return "skipped"
+        job = session.get(Job, job_id)
+        if job.started_at is None:
+            job.started_at = now()
+        add_event(session, job_id, f"Training started on worker {owner} (attempt {job.attempts}).")
+    work_dir = Path(tempfile.mkdtemp(prefix=f"patchbay-{job_id}-"))
+    try:
+        with LeaseHeartbeat(job_id, owner, settings) as heartbeat:
+            return _train_and_publish(job_id, owner, heartbeat, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_dir: Path) -> str:
+    from core.schemas.training import ResolvedTraining
+    from worker.training.publish import publish_adapter, write_metadata
+    from worker.training.recipe import TrainingJob, TrainingStopped, run_training
+
+    storage = get_storage()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        base = session.get(BaseModelRecord, job.model)
+        training_file = session.get(File, job.training_file)
+        validation_file = session.get(File, job.validation_file) if job.validation_file else None
+        config = ResolvedTraining.model_validate(job.resolved)
+    context = DbJobContext(job_id, heartbeat, storage, work_dir)
+    try:
+        if base is None:
+            raise RuntimeError(f"base model '{job.model}' is no longer registered")
+        if training_file is None:
+            raise RuntimeError(f"training file '{job.training_file}' was deleted")
+        training_job = TrainingJob(
+            job_id=job_id,
+            base_model_path=base.path,
+            training_examples=read_examples(str(storage.path(training_file.storage_key))),
+            validation_examples=(read_examples(str(storage.path(validation_file.storage_key)))
+                                 if validation_file else None),
+            config=config,
+            work_dir=work_dir,
+        )
+        result = run_training(training_job, context)
+    except TrainingStopped:
+        context.event("Training stopped: the job was cancelled or moved to another worker.", level="warn")
+        return "stopped"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        message = f"{exc.__class__.__name__}: {exc}"
+        with session_scope() as session:
+            if finish_job(session, job_id, owner, "failed",
+                          error={"code": "training_error", "message": message, "param": None}):
+                add_event(session, job_id, f"Job failed: {message}", level="error")
+        return "failed"
+
+    metadata = write_metadata(
+        result.adapter_dir, job=job, base=base,
+        files={"training_file": training_file, "validation_file": validation_file},
+        result_metrics=result.metrics, quantization=result.quantization,
+        trainable_params=result.trainable_params, total_params=result.total_params,
+    )
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        adapter = publish_adapter(session, storage, job=job, adapter_dir=result.adapter_dir, metadata=metadata)
+        if not finish_job(session, job_id, owner, "succeeded", fine_tuned_model=adapter.fine_tuned_model,
+                          trained_tokens=result.trained_tokens, result_files=[]):
+            session.rollback()
+            storage.delete(adapter.storage_key)
+            return "stopped"
+        add_event(session, job_id, f"New fine-tuned model created: {adapter.fine_tuned_model}",
+                  data={"adapter_id": adapter.id, "name": adapter.name, "version": adapter.version})
+        add_event(session, job_id, "The job has successfully completed.")
+        published = {"team_id": adapter.team_id, "adapter_id": adapter.id, "name": adapter.name,
+                     "version": adapter.version}
+    announce("published", **published)
+    return "succeeded"
