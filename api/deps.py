@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from core.errors import ApiError
 from core.auth import team_for_key
 from core.db import get_sessionmaker
 from core.models import ApiKey, Team
@@ -54,3 +54,14 @@ def get_current_team(found: Annotated[tuple[Team, ApiKey], Depends(get_current_k
 
 
 CurrentTeam = Annotated[Team, Depends(get_current_team)]
+
+
+def get_admin_team(found: Annotated[tuple[Team, ApiKey], Depends(get_current_key)]) -> Team:
+    """The calling team, when its key is an admin key; 403 otherwise."""
+    team, key = found
+    if not key.is_admin:
+        raise ApiError(403, "This endpoint needs an admin key.", code="admin_required")
+    return team
+
+
+AdminTeam = Annotated[Team, Depends(get_admin_team)]

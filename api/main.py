@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.dispatch import DispatchLoop
-from api.errors import install_error_handlers
-from api.routes import adapters, files, health, jobs, models
+from core.errors import install_error_handlers
+from api.routes import adapters, files, health, inference, jobs, models
 from core.settings import get_settings
 
 
@@ -28,7 +28,7 @@ def create_app() -> FastAPI:
 
     app = FastAPI(title="Patchbay", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, files, jobs, models, adapters):
+    for module in (health, files, jobs, models, adapters, inference):
         app.include_router(module.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

@@ -7,7 +7,7 @@ from typing import TypeVar
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
-from api.errors import invalid
+from core.errors import invalid
 
 T = TypeVar("T")
 MAX_LIMIT = 100

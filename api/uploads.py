@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from api.errors import ApiError, invalid
+from core.errors import ApiError, invalid
 from core.datasets import ReportBuilder, ValidationReport
 from core.storage import LocalStorage
 

@@ -40,6 +40,17 @@ def api(host: str = HostOption, port: int = PortOption) -> None:
 
 
 @app.command()
+def inference(host: str = HostOption, port: int = typer.Option(8001, help="port to bind")) -> None:
+    """Run the multi-adapter inference server (OpenAI-compatible) on the configured base model."""
+    import uvicorn
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    uvicorn.run("worker.inference.server:create_inference_app", factory=True, host=host, port=port,
+                log_level="info")
+
+
+@app.command()
 def worker(concurrency: int = typer.Option(None, help="jobs run at once (default: settings)")) -> None:
     """Run a training worker on the `train` queue."""
     from core.queue import TRAIN_QUEUE
@@ -100,16 +111,20 @@ def _default_key() -> str:
 
 
 @app.command()
-def serve(host: str = HostOption, port: int = PortOption) -> None:
-    """Run the API and a training worker as child processes on the configured stores."""
+def serve(host: str = HostOption, port: int = PortOption,
+          inference_port: int = typer.Option(8001, help="port of the inference server")) -> None:
+    """Run the API, a training worker and the inference server as child processes."""
     from core.migrate import upgrade_head
 
     upgrade_head()
     key = _default_key()
     exe = [sys.executable, "-m", "core.cli"]
+    env = {**os.environ, "PATCHBAY_INFERENCE_URL": os.environ.get(
+        "PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")}
     children = [
-        subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)]),
-        subprocess.Popen([*exe, "worker"]),
+        subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)], env=env),
+        subprocess.Popen([*exe, "worker"], env=env),
+        subprocess.Popen([*exe, "inference", "--host", "127.0.0.1", "--port", str(inference_port)], env=env),
     ]
     typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\nAPI key (team 'default'): {key}\n")
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.errors import invalid, not_found
+from core.errors import invalid, not_found
 from api.pagination import page_newest_first
 from api.uploads import receive_upload
 from core.adapter_check import AdapterCheckError, check_adapter_folder

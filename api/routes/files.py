@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.errors import ApiError, invalid, not_found
+from core.errors import ApiError, invalid, not_found
 from api.pagination import page_newest_first
 from api.uploads import receive_upload
 from core.ids import new_id

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.errors import ApiError, invalid, not_found
+from core.errors import ApiError, invalid, not_found
 from api.pagination import check_limit, page_newest_first
 from core.db import session_scope
 from core.events import add_event

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep
-from api.errors import not_found
+from core.errors import not_found
 from api.routes.adapters import delete_adapter_row
 from core.models import Adapter, AdapterAlias, BaseModelRecord
 from core.registry import find_team_adapter

@@ -1,0 +1,130 @@
+"""Chat and text completion requests, in OpenAI's shape (validated before forwarding)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_NEW_TOKENS = 4096
+
+
+class TextPart(BaseModel):
+    """One text part of a multi-part message."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's content as plain text."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class SamplingFields(BaseModel):
+    """Sampling parameters shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 4 or any(not s for s in items):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _penalties_unsupported(self) -> "SamplingFields":
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+        return self
+
+    def stop_list(self) -> list[str]:
+        """`stop` as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatCompletionCreate(SamplingFields):
+    """The body of `POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=0)
+
+    def token_limit(self, default: int) -> int:
+        """The completion length limit in force."""
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class CompletionCreate(SamplingFields):
+    """The body of `POST /v1/completions`."""
+
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=0)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("send exactly one prompt per request")
+        return value
+
+    def prompt_text(self) -> str:
+        """The single prompt."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_limit(self, default: int = 16) -> int:
+        """The completion length limit in force (OpenAI's default is 16)."""
+        return self.max_tokens or default
+
+
+class AdapterRef(BaseModel):
+    """What the API tells the inference server about the adapter a request resolved to."""
+
+    id: str
+    storage_key: str
+    sha256: str
+    base_model: str
+
+
+class LoadLoraAdapter(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter`; `lora_path` is a registry reference (or omitted)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+
+
+class UnloadLoraAdapter(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter`."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
