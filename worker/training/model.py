@@ -1,0 +1,210 @@
+"""Load a base model (optionally 4-bit NF4), attach a LoRA/DoRA adapter, and report the quantization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from core.schemas.training import ResolvedTraining
+from worker.training.device import DeviceChoice
+
+
+@dataclass
+class LoadedModel:
+    """The adapter-wrapped model and its tokenizer, ready to train."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The transformers causal LM under the PEFT wrapper (with the LoRA layers injected)."""
+        return self.model.get_base_model()
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a 4-bit weight counts as its logical size."""
+        trainable = total = 0
+        for param in self.model.parameters():
+            n = _logical_numel(param)
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return param.numel()
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for "nf4-dq" (NF4 + double quantization) or "nf4"; None for "none"."""
+    if quantization == "none":
+        return None
+    if quantization not in ("nf4-dq", "nf4"):
+        raise ValueError(f"unknown quantization {quantization!r}")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=quantization == "nf4-dq",
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def lora_config(config: ResolvedTraining) -> LoraConfig:
+    """The peft LoraConfig for the job's method (qlora/lora are LoRA, dora sets use_dora)."""
+    spec = config.peft
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=spec.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=spec.dropout,
+        target_modules="all-linear" if spec.target_modules == "all-linear" else list(spec.target_modules),
+        use_dora=spec.method == "dora",
+        bias="none",
+    )
+
+
+def load_model_for_training(
+    base_model_path: str, config: ResolvedTraining, device: DeviceChoice
+) -> LoadedModel:
+    """Load the base model folder (safetensors only), quantize it as configured and attach the adapter.
+
+    Set the random seed before calling: the adapter's initial weights are random.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path, trust_remote_code=False)
+    quant = quantization_config(config.quantization, device.compute_dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_model_path,
+        dtype=device.compute_dtype,
+        quantization_config=quant,
+        device_map={"": device.device} if quant is not None else None,
+        trust_remote_code=False,
+        use_safetensors=True,
+    )
+    if quant is None:
+        base.to(device.device)
+    base.config.use_cache = False
+    if quant is not None:
+        # Freezes the base and upcasts the non-quantized weights; checkpointing is set below.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if config.peft.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input-requires-grad hook.
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, lora_config(config))
+    return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+@contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off) for a validation pass, then back to train mode.
+
+    bitsandbytes' `Linear4bit` repacks its weight for CPU inference the first time it runs in
+    eval mode on a CPU with AVX512-BF16, and never unpacks it on `train()`: later backward passes
+    then go through a kernel without autograd and silently drop the gradient flowing to earlier
+    layers. So the 4-bit linears stay in training mode (it changes nothing else for them).
+    """
+    import bitsandbytes as bnb
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.training = True
+    try:
+        yield
+    finally:
+        model.train()
+
+
+def decoder_layers(causal_lm: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's transformer blocks (e.g. `model.layers` of a Llama)."""
+    decoder = causal_lm.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(causal_lm).__name__}")
+    return layers
+
+
+def _decoder_linears(causal_lm: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Every base linear inside the decoder layers (LoRA's own A/B linears excluded)."""
+    linears = []
+    for name, module in decoder_layers(causal_lm).named_modules():
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            linears.append(module)
+    return linears
+
+
+def _quant_state_bytes(quant_state) -> tuple[int, int]:
+    """(scale bytes, lookup-table bytes) of a bitsandbytes QuantState, nested state included."""
+    scale = quant_state.absmax.numel() * quant_state.absmax.element_size()
+    tables = quant_state.code.numel() * quant_state.code.element_size() if quant_state.code is not None else 0
+    if quant_state.nested:
+        inner = quant_state.state2
+        scale += inner.absmax.numel() * inner.absmax.element_size()
+        tables += inner.code.numel() * inner.code.element_size() if inner.code is not None else 0
+        offset = quant_state.offset
+        if isinstance(offset, torch.Tensor):
+            scale += offset.numel() * offset.element_size()
+    return scale, tables
+
+
+def quantization_report(model: torch.nn.Module) -> dict:
+    """Describe how the decoder linears are stored: count, 4-bit or not, nesting, and measured bits/param.
+
+    `bits_per_param` counts the packed weights plus every scale (absmax, and the nested
+    second-level absmax and offset); `bits_per_param_with_tables` also counts the lookup tables.
+    """
+    import bitsandbytes as bnb
+
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    linears = _decoder_linears(causal_lm)
+    quantized = [m for m in linears if isinstance(m, bnb.nn.Linear4bit)]
+    params = weight_bytes = scale_bytes = table_bytes = 0
+    quant_types, blocksizes, nested = set(), set(), []
+    compute_dtypes = set()
+    for module in quantized:
+        weight = module.weight
+        state = weight.quant_state
+        params += torch.Size(state.shape).numel()
+        weight_bytes += weight.numel() * weight.element_size()
+        scale, tables = _quant_state_bytes(state)
+        scale_bytes += scale
+        table_bytes += tables
+        quant_types.add(state.quant_type)
+        blocksizes.add(state.blocksize)
+        nested.append(bool(state.nested))
+        compute_dtypes.add(str(module.compute_dtype or state.dtype).removeprefix("torch."))
+    if not quantized:
+        dense_params = sum(m.weight.numel() for m in linears)
+        dense_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        dtypes = {str(m.weight.dtype).removeprefix("torch.") for m in linears}
+        return {
+            "decoder_linears": len(linears),
+            "linear4bit": 0,
+            "all_nested": False,
+            "quant_type": None,
+            "blocksize": None,
+            "bits_per_param": round(8 * dense_bytes / dense_params, 3) if dense_params else None,
+            "bits_per_param_with_tables": None,
+            "compute_dtype": ",".join(sorted(dtypes)) or None,
+        }
+    return {
+        "decoder_linears": len(linears),
+        "linear4bit": len(quantized),
+        "all_nested": all(nested),
+        "quant_type": ",".join(sorted(quant_types)),
+        "blocksize": blocksizes.pop() if len(blocksizes) == 1 else sorted(blocksizes),
+        "bits_per_param": round(8 * (weight_bytes + scale_bytes) / params, 3),
+        "bits_per_param_with_tables": round(8 * (weight_bytes + scale_bytes + table_bytes) / params, 3),
+        "compute_dtype": ",".join(sorted(compute_dtypes)),
+    }

@@ -1,0 +1,447 @@
+"""The fine-tuning recipe: one class with a fixed lifecycle, and `run_training` to drive it.
+
+Lifecycle: `setup()` -> `train()` (which calls `save_checkpoint()` on schedule) -> `cleanup()`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler, set_seed
+
+from core.datasets import Example
+from core.schemas.training import ResolvedTraining
+from worker.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+from worker.training.data import (
+    IGNORE_INDEX,
+    Row,
+    TokenizedDataset,
+    build_rows,
+    step_batches,
+    tokenize_dataset,
+)
+from worker.training.device import choose_device
+from worker.training.model import LoadedModel, evaluation_mode, load_model_for_training, quantization_report
+from worker.training.packed_attention import SEGMENT_LENGTHS_KWARG, use_packed_attention
+
+ROW_TOKEN_BUDGET = 2048
+"""Tokens per forward pass (a packed row or a padded micro-batch), unless max_seq_length is larger."""
+MAX_GRAD_NORM = 1.0
+"""Gradient clipping, as transformers' Trainer does by default."""
+METRICS_INTERVAL_S = 2.0
+"""Emit metrics at least this often (at step granularity), and on the first and last step."""
+
+
+@dataclass
+class TrainingJob:
+    """What to train: the base model folder, the examples and the resolved configuration."""
+
+    job_id: str
+    base_model_path: str
+    training_examples: list[Example]
+    validation_examples: list[Example] | None
+    config: ResolvedTraining
+    work_dir: Path  # scratch folder, exists
+
+
+class JobContext(Protocol):
+    """The worker's side of a running job: events, metrics, cancellation and checkpoint storage."""
+
+    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None: ...
+    def metrics(self, data: dict) -> None: ...
+    def should_stop(self) -> bool: ...  # cancelled, or the lease was lost
+    def latest_checkpoint(self) -> tuple[int, Path] | None: ...  # (step, local folder) to resume from
+    def save_checkpoint(self, step: int, folder: Path, metrics: dict) -> None: ...  # uploads and records it; folder may be deleted afterwards
+
+
+class TrainingStopped(Exception):
+    """Training stopped because the context asked it to (cancelled, or the lease was lost)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    adapter_dir: Path
+    steps: int
+    trained_tokens: int  # labelled+context real tokens processed, counting every epoch
+    metrics: dict  # final train_loss, valid_loss, first_train_loss, ...
+    quantization: dict  # quantization_report
+    trainable_params: int
+    total_params: int
+
+
+@dataclass
+class _Progress:
+    """Counters that survive a resume (stored in the checkpoint)."""
+
+    trained_tokens: int = 0
+    first_train_loss: float | None = None
+    train_loss: float | None = None
+    valid_loss: float | None = None
+
+
+@dataclass
+class _RunClock:
+    """Wall time and tokens of this process's run (not counting steps done before a resume)."""
+
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    tokens: int = 0
+    last_metrics_at: float = -math.inf
+
+    def tokens_per_second(self) -> float:
+        """Real tokens per second of wall time since this run started."""
+        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+
+    def eta_seconds(self, remaining_steps: int) -> float | None:
+        """Seconds left at this run's average pace; None before the first step."""
+        if self.steps == 0:
+            return None
+        return (time.monotonic() - self.started) / self.steps * remaining_steps
+
+
+class FineTuneRecipe:
+    """Supervised (Q)LoRA / DoRA fine-tuning of a causal LM on chat, completion or text examples.
+
+    The loss of an optimizer step is the mean cross-entropy over all its labelled tokens (across
+    all its rows). Only labelled positions go through `lm_head`: the decoder body runs on every
+    token, then the hidden states of the labelled positions are gathered and projected.
+    """
+
+    def __init__(self, job: TrainingJob, ctx: JobContext, *, row_token_cap: int | None = None) -> None:
+        self.job = job
+        self.ctx = ctx
+        self.config = job.config
+        self.row_token_cap = row_token_cap or max(self.config.peft.max_seq_length, ROW_TOKEN_BUDGET)
+        self.step = 0
+        self.resumed_from_step: int | None = None
+        self.progress = _Progress()
+        self.loaded: LoadedModel | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Pick the device, load and quantize the model, attach the adapter, tokenize, build the
+        optimizer and LR schedule, and resume from the context's latest checkpoint if any."""
+        spec = self.config.peft
+        set_seed(self.config.seed)
+        self.device = choose_device()
+        self.ctx.event(
+            f"training on {self.device.device.type} with {self.device.dtype_name} compute",
+            data={"device": str(self.device.device), "compute_dtype": self.device.dtype_name},
+        )
+        self.loaded = load_model_for_training(self.job.base_model_path, self.config, self.device)
+        causal_lm = self.loaded.causal_lm
+        _require_plain_lm_head(causal_lm.config)
+        if spec.packing:
+            use_packed_attention(causal_lm)
+        self.decoder = causal_lm.get_decoder()
+        self.lm_head = causal_lm.get_output_embeddings()
+        self.quantization = quantization_report(self.loaded.model)
+        self.ctx.event(_describe_quantization(self.quantization), data=self.quantization)
+
+        self.train_data = self._tokenize(self.job.training_examples)
+        validation = self.job.validation_examples
+        self.valid_data = self._tokenize(validation) if validation else None
+        self._report_truncation()
+        if not self.train_data.examples:
+            raise ValueError("no training example has a token to learn from after truncation")
+        self.valid_rows = self._validation_rows()
+
+        n_examples = len(self.train_data.examples)
+        self.steps_per_epoch = math.ceil(n_examples / self.config.batch_size)
+        self.total_steps = self.steps_per_epoch * self.config.n_epochs
+        if spec.max_steps is not None:
+            self.total_steps = min(self.total_steps, spec.max_steps)
+
+        named = [(name, p) for name, p in self.loaded.model.named_parameters() if p.requires_grad]
+        self.param_names = [name for name, _ in named]
+        self.trainable = [p for _, p in named]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=self.config.learning_rate, weight_decay=spec.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            spec.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=math.ceil(spec.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self._resume_if_checkpointed()
+
+    def _tokenize(self, examples: list[Example]) -> TokenizedDataset:
+        return tokenize_dataset(
+            examples,
+            self.loaded.tokenizer,
+            max_seq_length=self.config.peft.max_seq_length,
+            train_on_inputs=self.config.peft.train_on_inputs,
+        )
+
+    def _report_truncation(self) -> None:
+        data = {
+            "truncated": self.train_data.n_truncated,
+            "dropped": self.train_data.n_dropped,
+            "max_seq_length": self.config.peft.max_seq_length,
+        }
+        message = (
+            f"{self.train_data.n_truncated} of {len(self.job.training_examples)} training examples "
+            f"were longer than {self.config.peft.max_seq_length} tokens and were truncated"
+        )
+        if self.train_data.n_dropped:
+            message += f"; {self.train_data.n_dropped} had nothing left to learn and were skipped"
+        if self.valid_data is not None:
+            data["validation_truncated"] = self.valid_data.n_truncated
+            data["validation_dropped"] = self.valid_data.n_dropped
+            message += f" ({self.valid_data.n_truncated} validation examples truncated)"
+        level = "warning" if self.train_data.n_truncated or self.train_data.n_dropped else "info"
+        self.ctx.event(message, level=level, data=data)
+
+    def _validation_rows(self) -> list[list[Row]]:
+        if self.valid_data is None or not self.valid_data.examples:
+            return []
+        examples = self.valid_data.examples
+        size = self.config.batch_size
+        return [self._rows([examples[i] for i in range(start, min(start + size, len(examples)))])
+                for start in range(0, len(examples), size)]
+
+    def _rows(self, examples) -> list[Row]:
+        tokenizer = self.loaded.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return build_rows(
+            examples, packing=self.config.peft.packing, row_token_cap=self.row_token_cap, pad_id=pad_id
+        )
+
+    def _resume_if_checkpointed(self) -> None:
+        latest = self.ctx.latest_checkpoint()
+        if latest is None:
+            return
+        _, folder = latest
+        step, progress = load_training_checkpoint(
+            folder,
+            model=self.loaded.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            param_names=self.param_names,
+        )
+        self.step = step
+        self.resumed_from_step = step
+        self.progress = _Progress(**progress)
+        self.ctx.event(f"resumed from checkpoint at step {step}", data={"resumed_from_step": step})
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Run the remaining optimizer steps, evaluate, checkpoint, and save the final adapter."""
+        spec = self.config.peft
+        clock = _RunClock()
+        self.loaded.model.train()
+        evaluated_at = None
+        while self.step < self.total_steps:
+            self._raise_if_stopped()
+            learning_rate = self.scheduler.get_last_lr()[0]
+            train_loss, n_tokens = self._train_step()
+            self.step += 1
+            clock.steps += 1
+            clock.tokens += n_tokens
+            self.progress.trained_tokens += n_tokens
+            self.progress.train_loss = train_loss
+            if self.progress.first_train_loss is None:
+                self.progress.first_train_loss = train_loss
+
+            is_last = self.step == self.total_steps
+            eval_due = bool(spec.eval_every_steps) and self.step % spec.eval_every_steps == 0
+            valid_loss = None
+            if self.valid_rows and (is_last or eval_due):
+                valid_loss = self.evaluate()
+                self.progress.valid_loss = valid_loss
+                evaluated_at = self.step
+            now = time.monotonic()
+            metrics_due = now - clock.last_metrics_at >= METRICS_INTERVAL_S
+            if clock.steps == 1 or is_last or valid_loss is not None or metrics_due:
+                clock.last_metrics_at = now
+                self.ctx.metrics(self._metrics(train_loss, valid_loss, learning_rate, clock))
+            if not is_last and self.step % spec.checkpoint_every_steps == 0:
+                self.save_checkpoint()
+
+        if self.valid_rows and evaluated_at != self.step:  # resumed at the very end
+            self.progress.valid_loss = self.evaluate()
+        adapter_dir = Path(self.job.work_dir) / "adapter"
+        self.loaded.model.save_pretrained(adapter_dir, safe_serialization=True)
+        trainable, total = self.loaded.param_counts()
+        final = {
+            "train_loss": self.progress.train_loss,
+            "valid_loss": self.progress.valid_loss,
+            "first_train_loss": self.progress.first_train_loss,
+            "steps": self.step,
+            "trained_tokens": self.progress.trained_tokens,
+            "train_runtime_s": round(time.monotonic() - clock.started, 3),
+            "tokens_per_second": clock.tokens_per_second(),
+            "resumed_from_step": self.resumed_from_step,
+            "truncated_examples": self.train_data.n_truncated,
+        }
+        self.ctx.event(
+            f"training finished after {self.step} steps: train loss {_fmt(final['train_loss'])}, "
+            f"validation loss {_fmt(final['valid_loss'])}",
+            data=final,
+        )
+        return TrainResult(
+            adapter_dir=adapter_dir,
+            steps=self.step,
+            trained_tokens=self.progress.trained_tokens,
+            metrics=final,
+            quantization=self.quantization,
+            trainable_params=trainable,
+            total_params=total,
+        )
+
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step over this step's examples; returns (token-mean loss, real tokens)."""
+        epoch, index = divmod(self.step, self.steps_per_epoch)
+        indices = self._epoch_batches(epoch)[index]
+        rows = self._rows([self.train_data.examples[i] for i in indices])
+        n_labelled = sum(row.n_labelled for row in rows)
+        loss_sum = 0.0
+        for row in rows:
+            self._raise_if_stopped()
+            row_loss = self._row_loss_sum(row)
+            (row_loss / n_labelled).backward()
+            loss_sum += row_loss.item()
+        torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / n_labelled, sum(row.n_real_tokens for row in rows)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_batches_epoch", None) != epoch:
+            self._batches = step_batches(
+                len(self.train_data.examples), self.config.batch_size, self.config.seed, epoch
+            )
+            self._batches_epoch = epoch
+        return self._batches
+
+    def _row_loss_sum(self, row: Row) -> torch.Tensor:
+        """Summed cross-entropy of a row's labelled positions; lm_head runs only on those."""
+        device = self.device.device
+        kwargs = {}
+        if row.segment_lengths is not None:
+            kwargs[SEGMENT_LENGTHS_KWARG] = row.segment_lengths
+        hidden = self.decoder(
+            input_ids=row.input_ids.to(device),
+            attention_mask=row.attention_mask.to(device) if row.attention_mask is not None else None,
+            position_ids=row.position_ids.to(device) if row.position_ids is not None else None,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        targets = row.targets.to(device)
+        labelled = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[labelled])
+        return F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation loss: the token-mean cross-entropy over every labelled validation token."""
+        loss_sum, n_labelled = 0.0, 0
+        with evaluation_mode(self.loaded.model):
+            for rows in self.valid_rows:
+                for row in rows:
+                    self._raise_if_stopped()
+                    loss_sum += self._row_loss_sum(row).item()
+                    n_labelled += row.n_labelled
+        return loss_sum / max(n_labelled, 1)
+
+    def _metrics(
+        self, train_loss: float, valid_loss: float | None, learning_rate: float, clock: _RunClock
+    ) -> dict:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            "learning_rate": learning_rate,
+            "tokens_per_second": clock.tokens_per_second(),
+            "eta_seconds": clock.eta_seconds(self.total_steps - self.step),
+            "epoch": self.step / self.steps_per_epoch,
+        }
+
+    def _raise_if_stopped(self) -> None:
+        if self.ctx.should_stop():
+            raise TrainingStopped(f"job {self.job.job_id} was asked to stop at step {self.step}")
+
+    # ---- checkpoints and cleanup -------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current step, hand it to the context, then delete the local copy."""
+        folder = Path(self.job.work_dir) / "checkpoints" / f"step-{self.step:06d}"
+        save_training_checkpoint(
+            folder,
+            model=self.loaded.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            param_names=self.param_names,
+            step=self.step,
+            progress=vars(self.progress).copy(),
+        )
+        metrics = {
+            "step": self.step,
+            "train_loss": self.progress.train_loss,
+            "valid_loss": self.progress.valid_loss,
+        }
+        try:
+            self.ctx.save_checkpoint(self.step, folder, metrics)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Free the model, optimizer and data, collect garbage and empty the CUDA cache. Idempotent."""
+        for name in ("loaded", "optimizer", "scheduler", "decoder", "lm_head", "trainable", "valid_rows"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _require_plain_lm_head(config) -> None:
+    """Refuse models whose logits need more than `lm_head(hidden)` (we call lm_head directly)."""
+    for attribute in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            raise ValueError(f"models with {attribute} are not supported by this recipe yet")
+
+
+def _describe_quantization(report: dict) -> str:
+    if not report["linear4bit"]:
+        return (
+            f"base model kept in {report['compute_dtype']}: "
+            f"{report['decoder_linears']} decoder linears unquantized"
+        )
+    nested = "with double quantization" if report["all_nested"] else "without double quantization"
+    return (
+        f"base model quantized to {report['quant_type']} {nested}: {report['linear4bit']} of "
+        f"{report['decoder_linears']} decoder linears are 4-bit, "
+        f"{report['bits_per_param']} bits per parameter"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def run_training(job: TrainingJob, ctx: JobContext) -> TrainResult:
+    """Set up, train and clean up one job; raises TrainingStopped if the context asks to stop."""
+    recipe = FineTuneRecipe(job, ctx)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
