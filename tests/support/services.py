@@ -123,6 +123,19 @@ class PatchbayStack:
                 time.sleep(0.2)
         raise TimeoutError("the API did not come up")
 
+    def start_inference(self, port: int) -> subprocess.Popen:
+        """Start `patchbay inference` and wait until its base model is loaded."""
+        proc = self._spawn("inference", "--port", str(port), log_name="inference")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (self.data_dir / "inference.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise TimeoutError("the inference server did not come up")
+
     def start_worker(self) -> subprocess.Popen:
         """Start `patchbay worker` (it needs no wait: jobs queue until it is ready)."""
         return self._spawn("worker", log_name="worker")

@@ -1,0 +1,192 @@
+"""Read a PEFT LoRA adapter folder (safetensors only) and check that it fits a base model's linears."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+# PEFT key of one LoRA tensor: `base_model.model.<module>.lora_A.weight` (an adapter name may sit before `weight`).
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+
+# Config fields that change what the adapter computes beyond W x + s * B A x: served only when unset.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "lora_bias": "LoRA with a bias (lora_bias)",
+    "modules_to_save": "modules_to_save (fully trained copies of modules)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+}
+# Initialisations that rewrite the base weights: the adapter alone is meaningless on the original base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+class AdapterLoadError(Exception):
+    """An adapter folder cannot be served; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class LoraModuleWeights:
+    """One target linear's LoRA factors: delta W = scaling * lora_B @ lora_A."""
+
+    lora_A: torch.Tensor  # [rank, in_features]
+    lora_B: torch.Tensor  # [out_features, rank]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank r of this module."""
+        return self.lora_A.shape[0]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A validated LoRA adapter: its factors per target module name (e.g. `model.layers.0.self_attn.q_proj`)."""
+
+    path: Path
+    modules: dict[str, LoraModuleWeights]
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over its modules."""
+        return max(weights.rank for weights in self.modules.values())
+
+
+def read_lora_adapter(
+    folder: Path | str, linear_shapes: Mapping[str, tuple[int, int]], max_rank: int | None = None
+) -> LoraAdapter:
+    """Read and validate a PEFT LoRA folder against the base's linears.
+
+    `linear_shapes` maps each module name that may carry LoRA to its (in_features, out_features).
+    Raises `AdapterLoadError` when the folder is not a plain LoRA in safetensors, names a module
+    the base lacks, has shapes that do not fit, or a rank above `max_rank`.
+    """
+    folder = Path(folder)
+    config = _read_config(folder)
+    tensors = _read_tensors(folder)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise AdapterLoadError(_unexpected_tensor_message(key))
+        factors.setdefault(match["module"], {})[match["part"]] = tensor
+    if not factors:
+        raise AdapterLoadError(f"{ADAPTER_WEIGHTS_FILE} holds no LoRA tensors")
+    modules = {
+        name: _check_module(name, parts, config, linear_shapes, max_rank) for name, parts in sorted(factors.items())
+    }
+    return LoraAdapter(path=folder, modules=modules)
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise AdapterLoadError(f"adapter folder {folder} does not exist")
+    path = folder / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} is missing from {folder}")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterLoadError(f"{peft_type or 'unknown'} adapters are not supported for batched serving (LoRA only)")
+    for field, what in _UNSUPPORTED_FIELDS.items():
+        if config.get(field):
+            raise AdapterLoadError(f"{what} is not supported for batched serving")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterLoadError(
+            f"init_lora_weights={init!r} changes the base weights; convert the adapter to plain LoRA before serving"
+        )
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
+            raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} needs a positive {field!r}")
+    return config
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterLoadError(
+                f"only {ADAPTER_WEIGHTS_FILE} is loaded; found {', '.join(pickles)} (pickle files are refused)"
+            )
+        raise AdapterLoadError(f"{ADAPTER_WEIGHTS_FILE} is missing from {folder}")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(f"cannot read {ADAPTER_WEIGHTS_FILE}: {exc}") from exc
+
+
+def _unexpected_tensor_message(key: str) -> str:
+    if "lora_magnitude_vector" in key:
+        return "DoRA adapters (lora_magnitude_vector) are not supported for batched serving"
+    if "lora_embedding" in key:
+        return f"LoRA on embeddings ({key}) is not supported for batched serving"
+    if ".lora_A." in key or ".lora_B." in key:
+        return f"unsupported LoRA tensor {key!r} (only linear weights, no biases, are served)"
+    return f"unexpected tensor {key!r} in {ADAPTER_WEIGHTS_FILE} (only LoRA factors of linear layers are served)"
+
+
+def _pattern_value(patterns: Mapping[str, object] | None, module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches the module name or its dotted suffix."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(value)
+    return float(default)
+
+
+def _check_module(
+    name: str,
+    parts: dict[str, torch.Tensor],
+    config: dict,
+    linear_shapes: Mapping[str, tuple[int, int]],
+    max_rank: int | None,
+) -> LoraModuleWeights:
+    if name not in linear_shapes:
+        raise AdapterLoadError(f"unknown target module {name!r}: the base model has no such linear layer")
+    missing = [f"lora_{part}" for part in ("A", "B") if part not in parts]
+    if missing:
+        raise AdapterLoadError(f"module {name!r} lacks {' and '.join(missing)}")
+    lora_a, lora_b = parts["A"], parts["B"]
+    in_features, out_features = linear_shapes[name]
+    if lora_a.ndim != 2 or lora_b.ndim != 2:
+        raise AdapterLoadError(f"module {name!r}: lora_A and lora_B must be matrices")
+    rank = lora_a.shape[0]
+    if lora_a.shape[1] != in_features or lora_b.shape != (out_features, rank):
+        raise AdapterLoadError(
+            f"module {name!r}: shapes lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)} do not fit "
+            f"the base linear ({in_features} -> {out_features}); expected ({rank}, {in_features}) and "
+            f"({out_features}, {rank}) — was the adapter trained on another base model?"
+        )
+    configured_rank = _pattern_value(config.get("rank_pattern"), name, config["r"])
+    if rank != configured_rank:
+        raise AdapterLoadError(f"module {name!r}: tensors have rank {rank} but the config says r={configured_rank:g}")
+    if max_rank is not None and rank > max_rank:
+        raise AdapterLoadError(f"module {name!r}: rank {rank} is above the server's max LoRA rank {max_rank}")
+    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+        raise AdapterLoadError(f"module {name!r}: weights contain NaN or infinity")
+    alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoraModuleWeights(lora_A=lora_a.float(), lora_B=lora_b.float(), scaling=scaling)

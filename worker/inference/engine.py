@@ -1,0 +1,171 @@
+"""The inference engine: one shared base model serving many LoRA adapters with continuous batching."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from worker.inference.adapters import AdapterManager
+from worker.inference.base_model import compute_dtype_for, load_base_model, serving_device
+from worker.inference.generation import (
+    ErrorEvent,
+    FinishEvent,
+    GenerationHandle,
+    GenerationRequest,
+    GenerationResult,
+    TokenEvent,
+)
+from worker.inference.lora_slots import install_lora_slots
+from worker.inference.scheduler import ActiveSequence, BatchScheduler
+
+__all__ = [
+    "ErrorEvent",
+    "FinishEvent",
+    "GenerationHandle",
+    "GenerationRequest",
+    "GenerationResult",
+    "InferenceEngine",
+    "TokenEvent",
+]
+
+logger = logging.getLogger(__name__)
+
+END_OF_TURN_TOKENS = ("<|im_end|>",)
+
+
+class InferenceEngine:
+    """Loads a base model once and generates for many adapters at once on a background thread.
+
+    Adapters are loaded into LoRA slots through `engine.adapters` (an `AdapterManager`) and picked
+    per request by name. Use as a context manager, or call `close()` to stop the loop thread.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        quantization: str,
+        max_loaded_adapters: int,
+        max_lora_rank: int = 64,
+        max_batch_size: int = 16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.device = serving_device(device)
+        self.dtype = compute_dtype_for(self.device)
+        self.model, self.tokenizer = load_base_model(model_dir, quantization, self.device)
+        self.quantization = quantization
+        self.slots = install_lora_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype)
+        self.adapters = AdapterManager(self.slots, max_loaded_adapters)
+        self.eos_token_ids = self._eos_token_ids()
+        self._vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._scheduler = BatchScheduler(
+            self.model, self.slots, self.decode, self.eos_token_ids, max_batch_size, self.device
+        )
+        self._scheduler.start()
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        if configured is not None:
+            ids.update([configured] if isinstance(configured, int) else configured)
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of a chat through the tokenizer's chat template, opening the assistant's turn."""
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_text(self, text: str) -> list[int]:
+        """Prompt ids of raw text (with the tokenizer's usual special tokens, if it adds any)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def max_context(self) -> int:
+        """The most tokens (prompt + completion) one sequence may hold."""
+        if self._max_positions is not None:
+            return int(self._max_positions)
+        return int(self.tokenizer.model_max_length)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of generated ids (special tokens skipped; what the token deltas add up to)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue a request and return its event stream; it joins the running batch at the next step.
+
+        Raises `ValueError` for an invalid request and `AdapterNotReadyError` when its adapter is not
+        ready. The request holds its adapter (no eviction) until it finishes.
+        """
+        self._validate(request)
+        slot = self.adapters.acquire(request.adapter) if request.adapter is not None else None
+        handle = GenerationHandle(request)
+        sequence = ActiveSequence(
+            request=request,
+            handle=handle,
+            slot=slot,
+            text=self._scheduler.new_text_stream(request.stop),
+            on_finish=self._releaser(request.adapter),
+        )
+        try:
+            self._scheduler.submit(sequence)
+        except Exception:
+            sequence.on_finish()
+            raise
+        return handle
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Submit and wait for the whole result (raises `GenerationError` if it fails)."""
+        return self.submit(request).result()
+
+    def stats(self) -> dict:
+        """Scheduler counters (decode steps, mixed-adapter steps, batch sizes) for monitoring."""
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        """Stop the scheduler thread; unfinished requests end with an `ErrorEvent`."""
+        self._scheduler.stop()
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _releaser(self, adapter: str | None):
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if adapter is not None and not released:
+                released = True
+                self.adapters.release(adapter)
+
+        return release
+
+    def _validate(self, request: GenerationRequest) -> None:
+        ids = request.prompt_ids
+        if not ids:
+            raise ValueError("prompt_ids must not be empty")
+        if any(not isinstance(i, int) or not 0 <= i < self._vocab_size for i in ids):
+            raise ValueError(f"prompt_ids must be token ids in [0, {self._vocab_size})")
+        if request.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if request.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < request.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if len(ids) + request.max_new_tokens > self.max_context():
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
+                f"context of {self.max_context()} tokens"
+            )

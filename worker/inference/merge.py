@@ -1,0 +1,53 @@
+"""Merged serving for a dedicated deployment: fold one LoRA adapter into a full-precision base.
+
+W += scaling * B @ A on every target linear, leaving no LoRA modules, so the model runs at base
+latency. Merging into a 4-bit base would round the update away, so only full precision is merged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from worker.inference.adapter_files import AdapterLoadError, LoraAdapter, read_lora_adapter
+from worker.inference.base_model import load_base_model, serving_device
+from worker.inference.lora_slots import target_linear_names
+
+
+@torch.no_grad()
+def merge_lora_into(model: nn.Module, adapter_dir: Path | str) -> LoraAdapter:
+    """Add the adapter's `scaling * B @ A` to each target linear's weight, in place; return the adapter read."""
+    names = target_linear_names(model)
+    linears = {name: model.get_submodule(name) for name in names}
+    for name, linear in linears.items():
+        if type(linear) is not nn.Linear or linear.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise AdapterLoadError(
+                f"cannot merge into {name!r} ({type(linear).__name__}): load the base in full precision"
+            )
+    adapter = read_lora_adapter(adapter_dir, {n: (m.in_features, m.out_features) for n, m in linears.items()})
+    for name, weights in adapter.modules.items():
+        weight = linears[name].weight
+        delta = (weights.lora_B.double() @ weights.lora_A.double()) * weights.scaling
+        weight.copy_((weight.double() + delta.to(weight.device)).to(weight.dtype))
+    return adapter
+
+
+def load_merged_model(
+    model_dir: Path | str, adapter_dir: Path | str, device: torch.device | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base in full precision (fp32 on CPU, bf16 on CUDA) with the adapter merged in."""
+    model, tokenizer = load_base_model(model_dir, "none", serving_device(device))
+    merge_lora_into(model, adapter_dir)
+    return model, tokenizer
+
+
+def save_merged_model(model_dir: Path | str, adapter_dir: Path | str, dest: Path | str) -> Path:
+    """Write base + merged adapter as a safetensors model folder (with the tokenizer) that serves like a base."""
+    model, tokenizer = load_merged_model(model_dir, adapter_dir, device="cpu")
+    dest = Path(dest)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest

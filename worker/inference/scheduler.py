@@ -1,0 +1,310 @@
+"""Continuous batching: one background loop that admits, prefills and decodes requests of any adapters together.
+
+Each iteration drops cancelled requests, admits waiting ones up to `max_batch_size` (they are
+prefilled together, whatever their adapters, and their first token sampled; then they join the
+running batch), and runs ONE decode forward for every running sequence, whatever its adapter, with
+a per-row LoRA slot. A request that arrives while others run joins at the next iteration; it never
+waits for the batch to finish.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from worker.inference.generation import ErrorEvent, FinishEvent, GenerationHandle, GenerationRequest, TokenEvent
+from worker.inference.kv_batch import PaddedKVBatch
+from worker.inference.lora_slots import LoraSlotBank
+from worker.inference.sampling import choose_token, make_generator, token_logprob
+from worker.inference.text_stream import TextStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ActiveSequence:
+    """A submitted request and its generation state."""
+
+    request: GenerationRequest
+    handle: GenerationHandle
+    slot: int | None  # the adapter's LoRA slot, None for the base
+    text: TextStream
+    on_finish: Callable[[], None]  # releases the adapter hold
+    generator: torch.Generator = field(init=False)
+    context_len: int = 0  # tokens in this sequence's KV cache
+    next_token: int | None = None  # sampled, not yet fed to the model
+    completion_tokens: int = 0
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.generator = make_generator(self.request.seed)
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter name (None for the base)."""
+        return self.request.adapter
+
+
+class BatchScheduler:
+    """Runs the generation loop on one background thread."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bank: LoraSlotBank,
+        decode: Callable[[list[int]], str],
+        eos_token_ids: set[int],
+        max_batch_size: int,
+        device: torch.device,
+        max_prefill_tokens: int = 4096,
+    ) -> None:
+        self._model = model
+        self._decoder = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+        self.max_prefill_tokens = max_prefill_tokens
+        self._bank = bank
+        self._decode = decode
+        self._eos = frozenset(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self._device = device
+        self._kv = PaddedKVBatch(model.config)
+        self._running: list[ActiveSequence] = []
+        self._waiting: collections.deque[ActiveSequence] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._stats = {
+            "decode_steps": 0,
+            "mixed_adapter_steps": 0,
+            "max_batch_size": 0,
+            "max_distinct_adapters": 0,
+            "prefills": 0,
+            "max_prefill_batch": 0,
+            "joined_running_batch": 0,
+            "generated_tokens": 0,
+        }
+        self._stats_lock = threading.Lock()
+
+    def new_text_stream(self, stop: list[str]) -> TextStream:
+        """A detokenizer for one request."""
+        return TextStream(self._decode, stop)
+
+    def start(self) -> None:
+        """Start the loop thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="inference-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop; requests still waiting or running end with an `ErrorEvent`."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, sequence: ActiveSequence) -> None:
+        """Queue a sequence; it is admitted at the next iteration with room in the batch."""
+        with self._wakeup:
+            if self._stopping:
+                raise RuntimeError("the inference engine is stopped")
+            self._waiting.append(sequence)
+            self._wakeup.notify_all()
+        sequence.handle.on_cancel.append(self._wake)
+
+    def stats(self) -> dict:
+        """Counters: decode steps, how many mixed more than one adapter, the largest batch and adapter mix."""
+        with self._stats_lock:
+            stats = dict(self._stats)
+        with self._wakeup:
+            stats["waiting"] = len(self._waiting)
+        stats["running"] = len(self._running)
+        return stats
+
+    def _wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception as exc:  # keep serving: fail the batch, not the loop
+                    logger.exception("decode step failed")
+                    for sequence in self._running:
+                        self._fail(sequence, f"generation failed: {exc}")
+                    self._running = []
+                    self._kv.clear()
+            with self._wakeup:
+                leftovers = list(self._waiting) + self._running
+                self._waiting.clear()
+            for sequence in leftovers:
+                self._fail(sequence, "the inference engine stopped")
+            self._running = []
+            self._kv.clear()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode_step()
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not s.handle.cancelled]
+        if len(keep) == len(self._running):
+            return
+        for sequence in self._running:
+            if sequence.handle.cancelled:
+                self._fail(sequence, "the request was cancelled")
+        self._running = [self._running[i] for i in keep]
+        self._kv.keep(keep)
+
+    def _admit(self) -> None:
+        room = self.max_batch_size - len(self._running)
+        admitted: list[ActiveSequence] = []
+        with self._wakeup:
+            while room > len(admitted) and self._waiting:
+                admitted.append(self._waiting.popleft())
+        joined_running = bool(self._running)
+        for sequence in admitted:
+            if sequence.handle.cancelled:
+                self._fail(sequence, "the request was cancelled")
+        admitted = [s for s in admitted if not s.finished]
+        for group in self._prefill_groups(admitted):
+            try:
+                cache, lengths = self._prefill(group)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                for sequence in group:
+                    self._fail(sequence, f"prefill failed: {exc}")
+                continue
+            rows = [i for i, s in enumerate(group) if not s.finished]
+            self._running.extend(group[i] for i in rows)  # first: if append fails, the loop fails them too
+            self._kv.append(cache, lengths, rows)
+            if joined_running:
+                self._count("joined_running_batch", len(rows))
+
+    def _prefill_groups(self, sequences: list[ActiveSequence]) -> list[list[ActiveSequence]]:
+        """Split by length so that each padded prefill stays within `max_prefill_tokens`."""
+        groups: list[list[ActiveSequence]] = []
+        for sequence in sorted(sequences, key=lambda s: len(s.request.prompt_ids)):
+            width = len(sequence.request.prompt_ids)  # the longest so far, as they are sorted
+            if groups and (len(groups[-1]) + 1) * width <= self.max_prefill_tokens:
+                groups[-1].append(sequence)
+            else:
+                groups.append([sequence])
+        return groups
+
+    def _prefill(self, group: list[ActiveSequence]) -> tuple[DynamicCache, list[int]]:
+        """One right-padded forward over the prompts; sample each first token. Returns (cache, lengths)."""
+        prompts = [s.request.prompt_ids for s in group]
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        input_ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=self._device)
+        cache = self._kv.new_prefill_cache()
+        with self._bank.route([s.slot for s in group]):
+            hidden = self._decoder(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
+        last = hidden[torch.arange(len(group), device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1]
+        logits = self._lm_head(last).float().cpu()
+        with self._stats_lock:
+            self._stats["prefills"] += len(group)
+            self._stats["max_prefill_batch"] = max(self._stats["max_prefill_batch"], len(group))
+        for sequence, length, row in zip(group, lengths, logits):
+            sequence.context_len = length
+            self._accept(sequence, row)
+        return cache, lengths
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        input_ids = torch.tensor([[s.next_token] for s in rows], dtype=torch.long, device=self._device)
+        position_ids = torch.tensor([[s.context_len] for s in rows], dtype=torch.long, device=self._device)
+        step_mask = self._kv.mask_with_new_column()
+        self._record_batch(rows)
+        with self._bank.route([s.slot for s in rows]):
+            output = self._model(
+                input_ids=input_ids,
+                attention_mask=step_mask,
+                position_ids=position_ids,
+                cache=self._kv.cache,
+                use_cache=True,
+            )
+        self._kv.commit_step(step_mask)
+        logits = output.logits[:, -1].float().cpu()
+        for i, sequence in enumerate(rows):
+            sequence.context_len += 1
+            self._accept(sequence, logits[i])
+        keep = [i for i, s in enumerate(rows) if not s.finished]
+        if len(keep) < len(rows):
+            self._running = [rows[i] for i in keep]
+            self._kv.keep(keep)
+
+    def _record_batch(self, rows: list[ActiveSequence]) -> None:
+        mix = collections.Counter(s.adapter for s in rows)
+        with self._stats_lock:
+            stats = self._stats
+            stats["decode_steps"] += 1
+            stats["mixed_adapter_steps"] += len(mix) > 1
+            stats["max_batch_size"] = max(stats["max_batch_size"], len(rows))
+            stats["max_distinct_adapters"] = max(stats["max_distinct_adapters"], len(mix))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("decode batch of %d: %s", len(rows), dict(mix))
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[name] += amount
+
+    def _accept(self, sequence: ActiveSequence, logits: torch.Tensor) -> None:
+        """Sample the next token of `sequence` from its logits row and emit the resulting events."""
+        request = sequence.request
+        token = choose_token(logits, request.temperature, request.top_p, sequence.generator)
+        sequence.completion_tokens += 1
+        self._count("generated_tokens")
+        logprob = token_logprob(logits, token) if request.logprobs else None
+        if token in self._eos:
+            tail = sequence.text.finish()
+            if tail:  # text held back until now is released by the end of the sequence
+                sequence.handle.push(TokenEvent(token_id=token, text=tail, logprob=logprob))
+            self._finish(sequence, "stop")
+            return
+        text = sequence.text.push(token)
+        at_length = sequence.completion_tokens >= request.max_new_tokens
+        if at_length and not sequence.text.stopped:
+            text += sequence.text.finish()
+        sequence.handle.push(TokenEvent(token_id=token, text=text, logprob=logprob))
+        if sequence.text.stopped:
+            self._finish(sequence, "stop")
+        elif at_length:
+            self._finish(sequence, "length")
+        else:
+            sequence.next_token = token
+
+    def _finish(self, sequence: ActiveSequence, reason: str) -> None:
+        sequence.finished = True
+        sequence.handle.push(
+            FinishEvent(
+                finish_reason=reason,
+                prompt_tokens=len(sequence.request.prompt_ids),
+                completion_tokens=sequence.completion_tokens,
+            )
+        )
+        sequence.on_finish()
+
+    def _fail(self, sequence: ActiveSequence, message: str) -> None:
+        if sequence.finished:
+            return
+        sequence.finished = True
+        sequence.handle.push(ErrorEvent(message))
+        sequence.on_finish()
