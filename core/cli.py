@@ -116,8 +116,14 @@ def serve(host: str = HostOption, port: int = PortOption,
     """Run the API, a training worker and the inference server as child processes."""
     from core.migrate import upgrade_head
 
+    from core.settings import get_settings
+    from worker.base_models import DEFAULT_BASE_MODEL, ensure_default_base_model
+
     upgrade_head()
     key = _default_key()
+    if get_settings().inference_base_model == DEFAULT_BASE_MODEL:
+        typer.echo("preparing the default base model (converted once, then reused)…")
+        ensure_default_base_model(get_settings().data_dir)
     exe = [sys.executable, "-m", "core.cli"]
     env = {**os.environ, "PATCHBAY_INFERENCE_URL": os.environ.get(
         "PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")}
@@ -146,6 +152,20 @@ def serve(host: str = HostOption, port: int = PortOption,
         time.sleep(0.5)
     typer.echo("a child process exited; stopping the others", err=True)
     _stop()
+
+
+@app.command()
+def demo(url: str = typer.Option("http://127.0.0.1:8000", help="a running Patchbay"),
+         key: str = typer.Option(None, help="API key (default: the one `patchbay serve` created)")) -> None:
+    """Fine-tune SmolLM2 on the shipped dataset and compare the adapter with the base."""
+    from core.settings import get_settings
+    from demo.runner import run_demo
+
+    key = key or (get_settings().data_dir / "default_api_key").read_text().strip()
+    result = run_demo(url, key)
+    if result.adapter_rate < 0.8 or result.base_rate > 0.1:
+        typer.echo("the adapter did not clearly learn the behaviour", err=True)
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":
