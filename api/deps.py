@@ -10,22 +10,15 @@ from sqlalchemy.orm import Session
 
 from core.errors import ApiError
 from core.auth import team_for_key
-from core.db import get_sessionmaker
+from core.db import session_scope
 from core.models import ApiKey, Team
 from core.settings import Settings, get_settings
 
 
 def get_session() -> Iterator[Session]:
     """A session per request, committed on success."""
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

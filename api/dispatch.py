@@ -35,6 +35,12 @@ def _check_files(session: Session, job: Job) -> str | None:
     return None
 
 
+def _fail(session: Session, job: Job, code: str, message: str, event: str, param: str | None = None) -> None:
+    job.status, job.finished_at, job.lease_owner, job.lease_expires_at = "failed", now(), None, None
+    job.error = {"code": code, "message": message, "param": param}
+    add_event(session, job.id, event, level="error")
+
+
 def dispatch_pending(session_factory=session_scope) -> int:
     """Send every unsent outbox row to the broker. Returns how many were sent."""
     sent = 0
@@ -51,9 +57,8 @@ def dispatch_pending(session_factory=session_scope) -> int:
             if job.status == "validating_files":
                 problem = _check_files(session, job)
                 if problem:
-                    job.status, job.finished_at = "failed", now()
-                    job.error = {"code": "invalid_training_file", "message": problem, "param": "training_file"}
-                    add_event(session, job.id, f"Job failed: {problem}", level="error")
+                    _fail(session, job, "invalid_training_file", problem, f"Job failed: {problem}",
+                          param="training_file")
                     message.sent_at = now()
                     continue
                 job.status = "queued"
@@ -85,11 +90,9 @@ def reconcile(settings: Settings, session_factory=session_scope) -> dict[str, in
     t = now()
     with session_factory() as session:
         for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.deadline_at < t)):
-            job.status, job.finished_at, job.lease_owner = "failed", t, None
-            job.error = {"code": "deadline_exceeded",
-                         "message": f"The job did not finish within {settings.job_deadline_seconds} seconds.",
-                         "param": None}
-            add_event(session, job.id, "Job failed: deadline exceeded.", level="error")
+            _fail(session, job, "deadline_exceeded",
+                  f"The job did not finish within {settings.job_deadline_seconds} seconds.",
+                  "Job failed: deadline exceeded.")
             counts["failed"] += 1
         session.flush()
 
@@ -105,11 +108,8 @@ def reconcile(settings: Settings, session_factory=session_scope) -> dict[str, in
         expired = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t))
         for job in expired:
             if job.attempts >= MAX_ATTEMPTS:
-                job.status, job.finished_at, job.lease_owner = "failed", t, None
-                job.error = {"code": "worker_lost",
-                             "message": f"The worker stopped responding {job.attempts} times; giving up.",
-                             "param": None}
-                add_event(session, job.id, "Job failed: its worker was lost too many times.", level="error")
+                _fail(session, job, "worker_lost", f"The worker stopped responding {job.attempts} times; giving up.",
+                      "Job failed: its worker was lost too many times.")
                 counts["failed"] += 1
                 continue
             # Back to queued so the next worker can take it, then resume from its checkpoint.

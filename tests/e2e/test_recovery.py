@@ -43,7 +43,7 @@ def _wait_for_checkpoint(client, job_id: str, timeout: float = 240) -> int:
 
 
 def test_worker_killed_mid_training_resumes_from_checkpoint(stack, tmp_path):
-    job_id = _create(stack, tmp_path, {**LONG_JOB, "max_steps": 120})
+    job_id = _create(stack, tmp_path, {**LONG_JOB, "max_steps": 300})
     worker = stack.start_worker()
     with stack.client() as client:
         step = _wait_for_checkpoint(client, job_id)

@@ -48,23 +48,21 @@ def _train_and_check(stack, tmp_path, model_dir) -> None:
     assert checkpoints and checkpoints[0]["step_number"] >= 4
 
 
-def test_qlora_job_on_postgres_and_redis(tmp_path, postgres_url, redis_url, tiny_model_dir):
-    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir)
+def _run_stack(tmp_path, database_url: str, broker_url: str, model_dir) -> None:
+    stack = make_stack(tmp_path, database_url, broker_url, model_dir)
     try:
         stack.start_api()
         stack.start_worker()
-        _train_and_check(stack, tmp_path, tiny_model_dir)
+        _train_and_check(stack, tmp_path, model_dir)
     finally:
         stack.stop()
+
+
+def test_qlora_job_on_postgres_and_redis(tmp_path, postgres_url, redis_url, tiny_model_dir):
+    _run_stack(tmp_path, postgres_url, redis_url, tiny_model_dir)
 
 
 def test_qlora_job_on_embedded_sqlite_and_sqlalchemy_broker(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
-    stack = make_stack(tmp_path, f"sqlite:///{data / 'patchbay.sqlite'}", f"sqla+sqlite:///{data / 'broker.sqlite'}",
-                       tiny_model_dir)
-    try:
-        stack.start_api()
-        stack.start_worker()
-        _train_and_check(stack, tmp_path, tiny_model_dir)
-    finally:
-        stack.stop()
+    _run_stack(tmp_path, f"sqlite:///{data / 'patchbay.sqlite'}", f"sqla+sqlite:///{data / 'broker.sqlite'}",
+               tiny_model_dir)

