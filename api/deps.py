@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from core.errors import ApiError
 from core.auth import team_for_key
 from core.db import session_scope
+from core.errors import ApiError
 from core.models import ApiKey, Team
 from core.settings import Settings, get_settings
 

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.dispatch import DispatchLoop
-from core.errors import install_error_handlers
 from api.routes import adapters, files, health, inference, jobs, models
+from core.errors import install_error_handlers
 from core.settings import get_settings
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from core.errors import ApiError, invalid
 from core.datasets import ReportBuilder, ValidationReport
+from core.errors import ApiError, invalid
 from core.storage import LocalStorage
 
 MAX_FIELD_BYTES = 4096

@@ -48,3 +48,11 @@ def register_base_model(session: Session, model_id: str, folder: Path) -> BaseMo
     session.add(record)
     session.flush()
     return record
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the model folder's tokenizer carries a chat template (needed for chat datasets)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))

@@ -115,7 +115,6 @@ def serve(host: str = HostOption, port: int = PortOption,
           inference_port: int = typer.Option(8001, help="port of the inference server")) -> None:
     """Run the API, a training worker and the inference server as child processes."""
     from core.migrate import upgrade_head
-
     from core.settings import get_settings
     from worker.base_models import DEFAULT_BASE_MODEL, ensure_default_base_model
 

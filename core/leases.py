@@ -16,6 +16,7 @@ from core.models import Job
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
+UNFINISHED_STATUSES = (*ACTIVE_STATUSES, "paused")
 
 
 def acquire_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> bool:

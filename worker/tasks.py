@@ -85,7 +85,7 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
         )
         result = run_training(training_job, context)
     except TrainingStopped:
-        context.event("Training stopped: the job was cancelled or moved to another worker.", level="warn")
+        context.event("Training stopped: the job was paused, cancelled or taken over by another worker.", level="warn")
         return "stopped"
     except Exception as exc:
         log.exception("job %s failed", job_id)

@@ -13,15 +13,21 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from core.errors import invalid, not_found
 from api.pagination import page_newest_first
 from api.uploads import receive_upload
 from core.adapter_check import AdapterCheckError, check_adapter_folder
 from core.archives import ArchiveError, extract_archive, write_tar_gz
+from core.errors import invalid, not_found
 from core.ids import new_id
 from core.models import Adapter, AdapterAliasEvent, BaseModelRecord
 from core.notify import announce
-from core.registry import aliases_of, drop_aliases_to, find_team_adapter, move_alias, new_adapter_row
+from core.registry import (
+    aliases_of,
+    drop_aliases_to,
+    find_team_adapter,
+    move_alias,
+    new_adapter_row,
+)
 from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.schemas.common import DeletedObject, ListPage
 from core.storage import folder_sha256, get_storage, sha256_file

@@ -7,11 +7,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from core.errors import ApiError, invalid, not_found
 from api.pagination import page_newest_first
 from api.uploads import receive_upload
+from core.errors import ApiError, invalid, not_found
 from core.ids import new_id
-from core.leases import ACTIVE_STATUSES
+from core.leases import UNFINISHED_STATUSES
 from core.models import File, Job
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.files import FilePublic
@@ -105,7 +105,7 @@ def delete_file(file_id: str, session: SessionDep, team: CurrentTeam) -> Deleted
     row = get_team_file(session, team, file_id)
     in_use = session.scalar(
         select(Job.id)
-        .where(Job.team_id == team.id, Job.status.in_(ACTIVE_STATUSES))
+        .where(Job.team_id == team.id, Job.status.in_(UNFINISHED_STATUSES))
         .where(or_(Job.training_file == file_id, Job.validation_file == file_id))
         .limit(1)
     )

@@ -6,11 +6,15 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from api.deps import AdminTeam, CurrentTeam, SessionDep
-from core.errors import ApiError, invalid
 from api.forwarding import adapter_headers, broadcast, forward
+from core.errors import ApiError, invalid
 from core.registry import ResolutionError, find_team_adapter, resolve_model
 from core.schemas.inference import (
-    AdapterRef, ChatCompletionCreate, CompletionCreate, LoadLoraAdapter, UnloadLoraAdapter,
+    AdapterRef,
+    ChatCompletionCreate,
+    CompletionCreate,
+    LoadLoraAdapter,
+    UnloadLoraAdapter,
 )
 
 router = APIRouter(prefix="/v1", tags=["inference"])

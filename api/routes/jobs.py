@@ -5,22 +5,38 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from core.errors import ApiError, invalid, not_found
 from api.pagination import check_limit, page_newest_first
+from core.base_models import has_chat_template
 from core.db import session_scope
+from core.errors import ApiError, invalid, not_found
 from core.events import add_event
 from core.ids import new_id, now
 from core.leases import TERMINAL_STATUSES
-from core.models import BaseModelRecord, Checkpoint, File, Job, JobEvent, OutboxMessage, Team
+from core.models import (
+    BaseModelRecord,
+    Checkpoint,
+    File,
+    Job,
+    JobEvent,
+    OutboxMessage,
+    Team,
+)
 from core.queue import TRAIN_TASK
 from core.schemas.common import ListPage
-from core.schemas.jobs import CheckpointPublic, JobCreate, JobEventPublic, JobListPage, JobPublic
+from core.schemas.jobs import (
+    CheckpointPublic,
+    JobCreate,
+    JobEventPublic,
+    JobListPage,
+    JobPublic,
+)
 from core.schemas.training import resolve_training
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -54,9 +70,15 @@ def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings
     if session.get(BaseModelRecord, body.model) is None:
         known = ", ".join(session.scalars(select(BaseModelRecord.id)).all()) or "none registered"
         raise invalid(f"Unknown base model '{body.model}' (available: {known}).", "model", "model_not_found")
-    training = _usable_file(session, team, body.training_file, "training_file")
+    base = session.get(BaseModelRecord, body.model)
+    files = {"training_file": _usable_file(session, team, body.training_file, "training_file")}
     if body.validation_file:
-        _usable_file(session, team, body.validation_file, "validation_file")
+        files["validation_file"] = _usable_file(session, team, body.validation_file, "validation_file")
+    for param, row in files.items():
+        if row.format in ("chat", "alpaca") and not has_chat_template(Path(base.path)):
+            raise invalid(f"File '{row.id}' holds {row.format} examples, but base model '{base.id}' has no chat "
+                          "template; use prompt/completion or text examples with it.", param, "no_chat_template")
+    training = files["training_file"]
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     resolved = resolve_training(body.chosen_hyperparameters(), body.peft, training.n_examples, seed)
     created = now()
@@ -116,6 +138,33 @@ def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic
     job.lease_owner = None
     job.lease_expires_at = None
     add_event(session, job.id, "Job cancelled by the user.")
+    session.flush()
+    return JobPublic.of(job)
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
+    """Pause a job; a running worker stops within one step, keeping its checkpoints."""
+    job = get_team_job(session, team, job_id)
+    if job.status == "paused":
+        return JobPublic.of(job)
+    if job.status in TERMINAL_STATUSES:
+        raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be paused.", code="job_finished")
+    job.status, job.lease_owner, job.lease_expires_at = "paused", None, None
+    add_event(session, job.id, "Job paused by the user; resume it to continue from its newest checkpoint.")
+    session.flush()
+    return JobPublic.of(job)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: str, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> JobPublic:
+    """Queue a paused job again; it continues from its newest checkpoint with a fresh deadline."""
+    job = get_team_job(session, team, job_id)
+    if job.status != "paused":
+        raise ApiError(409, f"Job '{job_id}' is {job.status}, not paused.", code="job_not_paused")
+    job.status, job.deadline_at = "queued", now() + settings.job_deadline_seconds
+    session.add(OutboxMessage(job_id=job.id, task=TRAIN_TASK, reason="resumed"))
+    add_event(session, job.id, "Job resumed by the user.")
     session.flush()
     return JobPublic.of(job)
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep
-from core.errors import not_found
 from api.routes.adapters import delete_adapter_row
+from core.errors import not_found
 from core.models import Adapter, AdapterAlias, BaseModelRecord
 from core.registry import find_team_adapter
 from core.schemas.common import DeletedObject, ListPage

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.support.datasets import chat_lines, to_jsonl
@@ -121,3 +123,41 @@ def test_checkpoints_list_is_empty_before_training(api, training_file):
     job_id = create(api, model="tiny-llama", training_file=training_file).json()["id"]
     page = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=api.headers()).json()
     assert page == {"object": "list", "data": [], "has_more": False}
+
+
+def test_pause_and_resume(api, training_file):
+    job_id = create(api, model="tiny-llama", training_file=training_file).json()["id"]
+    paused = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=api.headers())
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    assert api.client.delete(f"/v1/files/{training_file}", headers=api.headers()).status_code == 409
+    resumed = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=api.headers())
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    again = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=api.headers())
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_not_paused"
+    api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=api.headers())
+    finished = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=api.headers())
+    assert finished.status_code == 409
+    messages = [e["message"] for e in api.client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
+                                                     headers=api.headers()).json()["data"]]
+    assert any("paused" in m for m in messages) and any("resumed" in m for m in messages)
+
+
+def test_chat_data_on_a_base_without_chat_template_is_400(api, training_file, tiny_model_dir, tmp_path):
+    import shutil
+
+    from core.base_models import register_base_model
+    from core.db import session_scope
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    with session_scope() as session:
+        register_base_model(session, "bare-llama", bare)
+    response = create(api, model="bare-llama", training_file=training_file)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "no_chat_template"
+    text_file = api.client.post("/v1/files", headers=api.headers(), data={"purpose": "fine-tune"},
+                                files={"file": ("t.jsonl", b'{"text": "plain words"}\n')}).json()["id"]
+    assert create(api, model="bare-llama", training_file=text_file).status_code == 200

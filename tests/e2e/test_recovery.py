@@ -93,3 +93,22 @@ def test_cancel_stops_a_running_job_within_ten_seconds(stack, tmp_path):
             raise AssertionError(f"the worker did not stop within 10 s: {stack.logs()}")
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
+
+
+def test_pause_stops_the_worker_and_resume_continues_from_a_checkpoint(stack, tmp_path):
+    job_id = _create(stack, tmp_path, {**LONG_JOB, "max_steps": 300})
+    stack.start_worker()
+    with stack.client() as client:
+        step = _wait_for_checkpoint(client, job_id)
+        assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+        deadline = time.monotonic() + 30
+        while not any(m.startswith("Training stopped") for m in [e["message"] for e in all_events(client, job_id)]):
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.2)
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "paused"
+        assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+        final = wait_for_status(client, job_id, ("succeeded", "failed", "cancelled"), stack=stack)
+        assert final["status"] == "succeeded", (final, stack.logs())
+        resumed = [e["data"]["resumed_from_step"] for e in all_events(client, job_id)
+                   if "resumed_from_step" in e.get("data", {})]
+    assert resumed and resumed[0] >= step > 0
