@@ -14,6 +14,7 @@ from typing import Literal
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 20
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -195,6 +196,8 @@ class ReportBuilder:
     def feed(self, raw: bytes) -> None:
         """Validate one line (without its newline)."""
         self._line_no += 1
+        if self._line_no == 1:
+            raw = raw.removeprefix(UTF8_BOM)
         if not raw.strip():
             return
         try:
@@ -219,7 +222,9 @@ def validate_jsonl(lines: Iterable[bytes]) -> ValidationReport:
 def iter_examples(lines: Iterable[bytes]) -> Iterator[Example]:
     """Yield the examples of an already validated file."""
     fmt: DatasetFormat | None = None
-    for raw in lines:
+    for index, raw in enumerate(lines):
+        if index == 0:
+            raw = raw.removeprefix(UTF8_BOM)
         if raw.strip():
             example = parse_line(raw, fmt)
             fmt = example.format

@@ -127,3 +127,9 @@ def test_deleting_a_file_used_by_an_unfinished_job_is_409(api):
     assert response.status_code == 409 and job.json()["id"] in response.json()["error"]["message"]
     api.client.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel", headers=api.headers())
     assert api.client.delete(f"/v1/files/{file_id}", headers=api.headers()).status_code == 200
+
+
+def test_windows_line_endings_and_a_byte_order_mark_are_accepted(api):
+    content = b"\xef\xbb\xbf" + to_jsonl(chat_lines(3)).replace(b"\n", b"\r\n")
+    body = upload(api, content).json()
+    assert body["status"] == "processed" and body["n_examples"] == 3

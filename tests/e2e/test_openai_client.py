@@ -33,6 +33,18 @@ def test_openai_sdk_files_and_fine_tuning_jobs(tmp_path, postgres_url, redis_url
         assert done["status"] == "succeeded"
         events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
         assert any(e.type == "metrics" for e in events)
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert checkpoints and checkpoints[0].fine_tuning_job_id == job.id and checkpoints[0].step_number > 0
+        finished = client.fine_tuning.jobs.retrieve(job.id)
+        assert client.models.retrieve(finished.fine_tuned_model).id == finished.fine_tuned_model
+        assert finished.fine_tuned_model in [m.id for m in client.models.list()]
+        assert client.files.content(uploaded.id).read() == (tmp_path / "chat-0.jsonl").read_bytes()
+        assert [f.id for f in client.files.list(purpose="fine-tune")] == [uploaded.id]
+
+        paused = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
+        assert client.fine_tuning.jobs.pause(paused.id).status == "paused"
+        assert client.fine_tuning.jobs.resume(paused.id).status == "queued"
+        client.fine_tuning.jobs.cancel(paused.id)
 
         doomed = client.fine_tuning.jobs.create(model="tiny-llama", training_file=uploaded.id)
         assert client.fine_tuning.jobs.cancel(doomed.id).status == "cancelled"
@@ -42,6 +54,10 @@ def test_openai_sdk_files_and_fine_tuning_jobs(tmp_path, postgres_url, redis_url
         with pytest.raises(openai.BadRequestError) as bad:
             client.fine_tuning.jobs.create(model="no-such-model", training_file=uploaded.id)
         assert bad.value.body["param"] == "model"
+        assert client.models.delete(finished.fine_tuned_model).deleted is True
+        assert client.files.delete(uploaded.id).deleted is True
+        with pytest.raises(openai.NotFoundError):
+            client.files.retrieve(uploaded.id)
         unauthorized = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             unauthorized.files.list()
