@@ -16,9 +16,11 @@ pytestmark = pytest.mark.slow
 def _train_and_check(stack, tmp_path, model_dir) -> None:
     uploaded = upload_with_curl(stack, write_dataset(tmp_path))
     assert uploaded["status"] == "processed", uploaded
+    validation = upload_with_curl(stack, write_dataset(tmp_path, n=4, seed=9))
     with stack.client() as client:
         job = client.post("/v1/fine_tuning/jobs", json={
-            "model": "tiny-llama", "training_file": uploaded["id"], "suffix": "colours", "seed": 1,
+            "model": "tiny-llama", "training_file": uploaded["id"], "validation_file": validation["id"],
+            "suffix": "colours", "seed": 1,
             "hyperparameters": {"n_epochs": 3, "batch_size": 4}, "peft": FAST_QLORA}).json()
     events = follow_events(stack, job["id"])
     with stack.client() as client:
@@ -30,6 +32,7 @@ def _train_and_check(stack, tmp_path, model_dir) -> None:
     metrics = metrics_of(events)
     assert metrics[0]["step"] == 1 and metrics[-1]["step"] == 18
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[-1]["valid_loss"] is not None
     for key in ("step", "train_loss", "learning_rate", "tokens_per_second", "eta_seconds"):
         assert key in metrics[-1]
 
