@@ -56,3 +56,25 @@ def build_tiny_llama(dest: Path, cache_dir: Path | None = None) -> Path:
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def build_tiny_other_architecture(dest: Path, architecture: str) -> Path:
+    """A tiny random Qwen2 (q/k/v biases, untied lm_head) or Mistral with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    dest = Path(dest)
+    if (dest / "config.json").is_file():
+        return dest
+    tokenizer = AutoTokenizer.from_pretrained(cached_smollm2_tokenizer_dir())
+    config_class, model_class, extra = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": False}),
+        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    }[architecture]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest
