@@ -19,3 +19,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.support.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the bundled GGUF once per machine."""
+    from worker.base_models import convert_smollm2
+
+    cache = Path(os.environ.get("PATCHBAY_TEST_CACHE", Path.home() / ".cache" / "patchbay-tests"))
+    return convert_smollm2(cache / "smollm2-135m-instruct")

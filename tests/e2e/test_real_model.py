@@ -16,15 +16,6 @@ from tests.support.adapters import save_peft_lora, tar_gz
 from tests.support.services import REPO_ROOT, free_port, make_stack, wait_for_status
 
 pytestmark = pytest.mark.slow
-MODEL_CACHE = Path(os.environ.get("PATCHBAY_TEST_CACHE", Path.home() / ".cache" / "patchbay-tests"))
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    """SmolLM2 converted from the bundled GGUF once per machine."""
-    from worker.base_models import convert_smollm2
-
-    return convert_smollm2(MODEL_CACHE / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")

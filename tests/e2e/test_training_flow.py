@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 
 from tests.support.flows import (
-    FAST_QLORA, assert_adapter_changes_logits, follow_events, metrics_of, published_adapter_dir,
-    upload_with_curl, write_dataset,
+    FAST_QLORA,
+    assert_adapter_changes_logits,
+    follow_events,
+    metrics_of,
+    published_adapter_dir,
+    upload_with_curl,
+    write_dataset,
 )
 from tests.support.services import make_stack
 

@@ -61,7 +61,13 @@ def build_tiny_llama(dest: Path, cache_dir: Path | None = None) -> Path:
 def build_tiny_other_architecture(dest: Path, architecture: str) -> Path:
     """A tiny random Qwen2 (q/k/v biases, untied lm_head) or Mistral with SmolLM2's tokenizer."""
     import torch
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     dest = Path(dest)
     if (dest / "config.json").is_file():

@@ -8,7 +8,11 @@ import pytest
 
 from tests.worker.inference.conftest import MAX_LORA_RANK
 from worker.inference.adapter_files import AdapterLoadError
-from worker.inference.adapters import AdapterCapacityError, AdapterInUseError, AdapterNotReadyError
+from worker.inference.adapters import (
+    AdapterCapacityError,
+    AdapterInUseError,
+    AdapterNotReadyError,
+)
 from worker.inference.engine import GenerationRequest, InferenceEngine
 
 

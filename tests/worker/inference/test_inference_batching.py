@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 
-from worker.inference.engine import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from worker.inference.engine import (
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    TokenEvent,
+)
 from worker.inference.generation import GenerationError
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.worker.inference.conftest import MAX_LORA_RANK, load_peft_reference, peft_greedy
+from tests.worker.inference.conftest import (
+    MAX_LORA_RANK,
+    load_peft_reference,
+    peft_greedy,
+)
 from worker.inference.engine import GenerationRequest, InferenceEngine
 from worker.inference.lora_slots import SlottedLoraLinear
 

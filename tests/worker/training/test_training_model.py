@@ -9,7 +9,11 @@ import torch
 
 from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
 from worker.training.device import choose_device
-from worker.training.model import evaluation_mode, load_model_for_training, quantization_report
+from worker.training.model import (
+    evaluation_mode,
+    load_model_for_training,
+    quantization_report,
+)
 
 
 def _load(tiny_model_dir, **peft):
