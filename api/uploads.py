@@ -142,3 +142,11 @@ async def receive_upload(request: Request, storage: LocalStorage, key: str, limi
         sink.abort()
         raise invalid(f"The multipart body could not be parsed: {exc}", "file") from None
     return sink.close()
+
+
+def multipart_openapi(fields: dict[str, str], required: list[str]) -> dict:
+    """OpenAPI for a streamed multipart body (FastAPI cannot infer it from a raw request)."""
+    properties = {name: ({"type": "string", "format": "binary"} if kind == "file" else {"type": "string"})
+                  for name, kind in fields.items()}
+    schema = {"type": "object", "properties": properties, "required": required}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

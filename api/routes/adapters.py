@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
 from api.pagination import page_newest_first
-from api.uploads import receive_upload
+from api.uploads import multipart_openapi, receive_upload
 from core.adapter_check import AdapterCheckError, check_adapter_folder
 from core.archives import ArchiveError, extract_archive, write_tar_gz
 from core.errors import invalid, not_found
@@ -77,7 +77,8 @@ def download_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> FileRe
                         background=BackgroundTask(shutil.rmtree, scratch, True))
 
 
-@router.post("/import", response_model=AdapterPublic)
+@router.post("/import", response_model=AdapterPublic, openapi_extra=multipart_openapi(
+    {"file": "file", "name": "text", "base_model": "text"}, ["file", "name", "base_model"]))
 async def import_adapter(request: Request, session: SessionDep, team: CurrentTeam,
                          settings: SettingsDep) -> AdapterPublic:
     """Take an adapter trained elsewhere (tar.gz or zip of a PEFT LoRA folder), after checking it."""

@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
 from api.pagination import page_newest_first
-from api.uploads import receive_upload
+from api.uploads import multipart_openapi, receive_upload
 from core.errors import ApiError, invalid, not_found
 from core.ids import new_id
 from core.leases import UNFINISHED_STATUSES
@@ -29,7 +29,8 @@ def get_team_file(session: SessionDep, team: CurrentTeam, file_id: str, param: s
     return row
 
 
-@router.post("", response_model=FilePublic)
+@router.post("", response_model=FilePublic,
+             openapi_extra=multipart_openapi({"file": "file", "purpose": "text"}, ["file", "purpose"]))
 async def upload_file(request: Request, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> FilePublic:
     """Stream an upload to storage, then validate it line by line."""
     file_id = new_id("file")
