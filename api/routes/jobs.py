@@ -125,35 +125,33 @@ def retrieve_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPubl
     return JobPublic.of(get_team_job(session, team, job_id))
 
 
+def _take_job_from_its_worker(session, team, job_id: str, status: str, verb: str, message: str) -> JobPublic:
+    """Move an unfinished job to `status` (idempotent); its worker sees the change and stops."""
+    job = get_team_job(session, team, job_id)
+    if job.status == status:
+        return JobPublic.of(job)
+    if job.status in TERMINAL_STATUSES:
+        raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be {verb}.", code="job_finished")
+    job.status, job.lease_owner, job.lease_expires_at = status, None, None
+    if status in TERMINAL_STATUSES:
+        job.finished_at = now()
+    add_event(session, job.id, message)
+    session.flush()
+    return JobPublic.of(job)
+
+
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
     """Cancel a job; a running worker notices within one step and stops."""
-    job = get_team_job(session, team, job_id)
-    if job.status == "cancelled":
-        return JobPublic.of(job)
-    if job.status in TERMINAL_STATUSES:
-        raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be cancelled.", code="job_finished")
-    job.status = "cancelled"
-    job.finished_at = now()
-    job.lease_owner = None
-    job.lease_expires_at = None
-    add_event(session, job.id, "Job cancelled by the user.")
-    session.flush()
-    return JobPublic.of(job)
+    return _take_job_from_its_worker(session, team, job_id, "cancelled", "cancelled", "Job cancelled by the user.")
 
 
 @router.post("/{job_id}/pause", response_model=JobPublic)
 def pause_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
     """Pause a job; a running worker stops within one step, keeping its checkpoints."""
-    job = get_team_job(session, team, job_id)
-    if job.status == "paused":
-        return JobPublic.of(job)
-    if job.status in TERMINAL_STATUSES:
-        raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be paused.", code="job_finished")
-    job.status, job.lease_owner, job.lease_expires_at = "paused", None, None
-    add_event(session, job.id, "Job paused by the user; resume it to continue from its newest checkpoint.")
-    session.flush()
-    return JobPublic.of(job)
+    return _take_job_from_its_worker(
+        session, team, job_id, "paused", "paused",
+        "Job paused by the user; resume it to continue from its newest checkpoint.")
 
 
 @router.post("/{job_id}/resume", response_model=JobPublic)
