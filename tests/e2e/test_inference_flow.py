@@ -191,3 +191,25 @@ def test_other_team_cannot_generate_with_our_adapters(served):
         response = served.chat(model, key=other)
         assert response.status_code == 404 and response.json()["error"]["param"] == "model"
     assert served.chat("tiny-llama", key=other).status_code == 200
+
+
+def test_merged_deployment_matches_the_unmerged_adapter(served):
+    with served.stack.client() as client:
+        gamma = client.get("/v1/adapters/gamma@1").json()
+    port = free_port()
+    proc = served.stack.start_inference(port, PATCHBAY_MERGED_ADAPTER=gamma["id"])
+    try:
+        header = json.dumps({"id": gamma["id"], "storage_key": f"adapters/{gamma['id']}", "sha256": gamma["sha256"],
+                             "base_model": "tiny-llama"})
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"X-Patchbay-Adapter": header},
+                              json={"model": "gamma@1", "messages": [{"role": "user", "content": QUESTION}],
+                                    "max_tokens": TOKENS, "temperature": 0}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == reference(served, "gamma")
+        status = httpx.get(f"http://127.0.0.1:{port}/internal/status", timeout=10).json()
+        assert status["adapters"] == {}  # merged into the weights: no LoRA slot in use
+        other = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"X-Patchbay-Adapter": header.replace(
+            gamma["id"], "adapter-other")}, json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        assert other.status_code == 400
+    finally:
+        served.stack.kill(proc)

@@ -103,19 +103,19 @@ class PatchbayStack:
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
-    def _spawn(self, *args: str, log_name: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, log_name: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.data_dir / f"{log_name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", *args], env=self.env, cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "core.cli", *args], env={**self.env, **extra_env}, cwd=REPO_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
         return proc
 
-    def _start_server(self, role: str, port: int, timeout: float) -> subprocess.Popen:
+    def _start_server(self, role: str, port: int, timeout: float, **extra_env: str) -> subprocess.Popen:
         """Start a `patchbay` server role and wait until its /healthz answers."""
-        proc = self._spawn(role, "--port", str(port), log_name=role)
+        proc = self._spawn(role, "--port", str(port), log_name=f"{role}-{port}", **extra_env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (self.data_dir / f"{role}.log").read_text()
+            assert proc.poll() is None, (self.data_dir / f"{role}-{port}.log").read_text()
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                     return proc
@@ -127,9 +127,9 @@ class PatchbayStack:
         """Start `patchbay api` and wait for /healthz."""
         return self._start_server("api", self.port, 60)
 
-    def start_inference(self, port: int) -> subprocess.Popen:
+    def start_inference(self, port: int, **extra_env: str) -> subprocess.Popen:
         """Start `patchbay inference` and wait until its base model is loaded."""
-        return self._start_server("inference", port, 180)
+        return self._start_server("inference", port, 180, **extra_env)
 
     def start_worker(self) -> subprocess.Popen:
         """Start `patchbay worker` (it needs no wait: jobs queue until it is ready)."""
