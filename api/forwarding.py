@@ -59,8 +59,8 @@ async def forward(path: str, body: dict, headers: dict[str, str], stream: bool) 
             return JSONResponse(json.loads(content), status_code=upstream.status_code)
         except json.JSONDecodeError:
             return error_response(502, "The inference server gave an unreadable answer.", None, "bad_gateway")
-    raise ApiError(503, f"No inference server is reachable ({last_error.__class__.__name__ if last_error else 'none configured'}).",
-                   code="inference_unavailable")
+    reason = last_error.__class__.__name__ if last_error else "none configured"
+    raise ApiError(503, f"No inference server is reachable ({reason}).", code="inference_unavailable")
 
 
 async def broadcast(path: str, body: dict) -> list[dict]:

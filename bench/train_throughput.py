@@ -221,8 +221,13 @@ def run_baseline(steps: int, heldout: list, evaluate_base: bool) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
-        AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling,
-        Trainer, TrainerCallback, TrainingArguments,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
     )
 
     class StepTimer(TrainerCallback):

@@ -42,7 +42,8 @@ def check_adapter_folder(folder: Path, base_dir: Path, max_rank: int) -> Adapter
     """Run every check; raise AdapterCheckError on the first that fails."""
     pickles = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
-        raise AdapterCheckError("format", f"pickle files are refused ({', '.join(pickles)}); only safetensors is accepted")
+        raise AdapterCheckError(
+            "format", f"pickle files are refused ({', '.join(pickles)}); only safetensors is accepted")
     config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_path.is_file():
         raise AdapterCheckError("format", "adapter_config.json is missing")

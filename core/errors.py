@@ -53,7 +53,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 def _loc_to_param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Pydantic adds the union branch ("int", "literal['auto']") to the path; it names no field.
-    parts = [p for p in parts if not p.startswith(("literal[", "function-")) and p not in ("int", "float", "str", "list[str]")]
+    union_branches = ("int", "float", "str", "list[str]")
+    parts = [p for p in parts if not p.startswith(("literal[", "function-")) and p not in union_branches]
     return ".".join(parts) or None
 
 

@@ -35,4 +35,5 @@ def readyz() -> JSONResponse:
     except Exception as exc:
         checks["broker"] = f"error: {exc.__class__.__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
+                        status_code=200 if ready else 503)

@@ -487,7 +487,8 @@ def test_entry_modules_import_from_the_image_files(path, services, tmp_path):
     argvs = [dockerfile.cmd] + [service_argv(services, name) for name in users]
 
     def urls(variable: str) -> set[str]:
-        return {container_env(services, name)[variable] for name in users if container_env(services, name).get(variable)}
+        envs = [container_env(services, name) for name in users]
+        return {env[variable] for env in envs if env.get(variable)}
 
     modules, targets, celery_apps = ["core.cli"], [], []
     for argv in argvs:

@@ -208,8 +208,9 @@ def test_merged_deployment_matches_the_unmerged_adapter(served):
         assert response.json()["choices"][0]["message"]["content"] == reference(served, "gamma")
         status = httpx.get(f"http://127.0.0.1:{port}/internal/status", timeout=10).json()
         assert status["adapters"] == {}  # merged into the weights: no LoRA slot in use
-        other = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"X-Patchbay-Adapter": header.replace(
-            gamma["id"], "adapter-other")}, json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        other_header = header.replace(gamma["id"], "adapter-other")
+        other = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"X-Patchbay-Adapter": other_header},
+                           json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
         assert other.status_code == 400
     finally:
         served.stack.kill(proc)

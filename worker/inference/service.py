@@ -23,9 +23,8 @@ class InferenceService:
     """Loads the base once and serves any adapter version by id, fetching it on first use."""
 
     def __init__(self, settings: Settings) -> None:
-        from worker.inference.engine import InferenceEngine
-
         from worker.base_models import DEFAULT_BASE_MODEL, ensure_default_base_model
+        from worker.inference.engine import InferenceEngine
 
         self.settings = settings
         if settings.inference_base_model == DEFAULT_BASE_MODEL:

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from core.ids import new_id
 from core.models import Adapter, BaseModelRecord, File, Job, Team
-from core.registry import new_adapter_row
 from core.naming import adapter_name, fine_tuned_model_name
+from core.registry import new_adapter_row
 from core.storage import LocalStorage, folder_sha256, sha256_file
 
 METADATA_FILE = "patchbay.json"

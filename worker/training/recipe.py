@@ -59,7 +59,8 @@ class JobContext(Protocol):
     def metrics(self, data: dict) -> None: ...
     def should_stop(self) -> bool: ...  # cancelled, or the lease was lost
     def latest_checkpoint(self) -> tuple[int, Path] | None: ...  # (step, local folder) to resume from
-    def save_checkpoint(self, step: int, folder: Path, metrics: dict) -> None: ...  # uploads and records it; folder may be deleted afterwards
+    # Uploads and records the checkpoint; the folder may be deleted afterwards.
+    def save_checkpoint(self, step: int, folder: Path, metrics: dict) -> None: ...
 
 
 class TrainingStopped(Exception):

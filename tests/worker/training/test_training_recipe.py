@@ -20,7 +20,8 @@ WORDS = "red green blue cyan magenta yellow black white orange purple".split()
 class RecordingContext:
     """A JobContext that keeps everything in memory and stores checkpoints in its own folder."""
 
-    def __init__(self, store: Path, *, resume_from: tuple[int, Path] | None = None, stop_after_checks: int | None = None):
+    def __init__(self, store: Path, *, resume_from: tuple[int, Path] | None = None,
+                 stop_after_checks: int | None = None):
         self.store = store
         self.events: list[tuple[str, str, dict | None]] = []
         self.metric_rows: list[dict] = []
