@@ -386,12 +386,8 @@ def image_requirements(dockerfile: Dockerfile) -> list[str]:
     return requirements
 
 
-def not_in_image(requirements: list[str]) -> list[str]:
-    """Top-level modules of the local venv whose distribution the image would not have.
-
-    The image has the closure of `requirements` (plus pip/setuptools/wheel and the project);
-    everything else installed here (torch in the API image, test tools, ...) is absent there.
-    """
+def _closure(requirements: list[str]) -> set[str]:
+    """Canonical names of the installed distributions that `requirements` pull in, transitively."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
@@ -413,12 +409,29 @@ def not_in_image(requirements: list[str]) -> list[str]:
         except metadata.PackageNotFoundError:
             continue
         stack += [(child, ("", *req.extras)) for child in dist.requires or ()]
-    project = tomllib.loads(PYPROJECT.read_text())["project"]["name"]
-    available = {name for name, _ in seen} | {"pip", "setuptools", "wheel", canonicalize_name(project)}
+    return {name for name, _ in seen}
+
+
+def not_in_image(requirements: list[str]) -> list[str]:
+    """Top-level modules that the project's full install brings here but the image would not have.
+
+    The image has the closure of `requirements` (plus pip/setuptools/wheel and the project);
+    what else the project installs here (torch in the API image, test tools, ...) is absent there.
+    Packages a developer installed by hand are left alone: the project never imports them.
+    """
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    everything = list(project["dependencies"]) + [r for extra in project.get("optional-dependencies", {}).values()
+                                                  for r in extra]
+    available = _closure(requirements) | {"pip", "setuptools", "wheel", canonicalize_name(project["name"])}
+    blocked = _closure(everything) - available
     return sorted(top for top, dists in metadata.packages_distributions().items()
                   if top not in sys.stdlib_module_names and top not in PROJECT_PACKAGES
                   and not top.startswith("__editable__") and top != "_distutils_hack"
-                  and not any(canonicalize_name(d) in available for d in dists))
+                  and all(canonicalize_name(d) in blocked for d in dists))
 
 
 # Imported at interpreter start (after .pth files) in every emulated container.
