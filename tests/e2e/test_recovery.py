@@ -112,3 +112,23 @@ def test_pause_stops_the_worker_and_resume_continues_from_a_checkpoint(stack, tm
         resumed = [e["data"]["resumed_from_step"] for e in all_events(client, job_id)
                    if "resumed_from_step" in e.get("data", {})]
     assert resumed and resumed[0] >= step > 0
+
+
+def test_a_failing_job_gets_a_readable_error_and_the_worker_serves_the_next(stack, tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    stack.cli("models", "add", "broken-llama", str(broken))
+    (broken / "model.safetensors").write_bytes(b"not weights any more")
+    file_id = upload_with_curl(stack, write_dataset(tmp_path, n=8))["id"]
+    stack.start_worker()
+    with stack.client() as client:
+        bad = client.post("/v1/fine_tuning/jobs", json={"model": "broken-llama", "training_file": file_id}).json()
+        failed = wait_for_status(client, bad["id"], ("succeeded", "failed"), stack=stack)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "training_error"
+        assert failed["error"]["message"] and "Traceback" not in failed["error"]["message"]
+        good = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 1},
+            "peft": FAST_QLORA}).json()
+        assert wait_for_status(client, good["id"], ("succeeded", "failed"), stack=stack)["status"] == "succeeded"
