@@ -214,3 +214,17 @@ def test_merged_deployment_matches_the_unmerged_adapter(served):
         assert other.status_code == 400
     finally:
         served.stack.kill(proc)
+
+
+def test_a_dora_job_serves_like_plain_peft(served):
+    file_id = upload_with_curl(served.stack, write_dataset(served.scratch, n=16, seed=5))["id"]
+    with served.stack.client() as client:
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": file_id, "suffix": "dora", "seed": 5,
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4},
+            "peft": {**FAST_QLORA, "method": "dora", "learning_rate": 5e-2}}).json()
+        done = wait_for_status(client, job["id"], ("succeeded", "failed"), stack=served.stack)
+    assert done["status"] == "succeeded", done
+    served.folders["dora"] = served.download("dora@1")
+    assert json.loads((served.folders["dora"] / "adapter_config.json").read_text())["use_dora"] is True
+    assert served.text(done["fine_tuned_model"]) == reference(served, "dora")

@@ -19,10 +19,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 # PEFT key of one LoRA tensor: `base_model.model.<module>.lora_A.weight` (an adapter name may sit before `weight`).
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
+# DoRA's per-output magnitude: `base_model.model.<module>.lora_magnitude_vector` (maybe `.<adapter>.weight`).
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 # Config fields that change what the adapter computes beyond W x + s * B A x: served only when unset.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "lora_bias": "LoRA with a bias (lora_bias)",
@@ -44,11 +45,12 @@ class AdapterLoadError(Exception):
 
 @dataclass(frozen=True)
 class LoraModuleWeights:
-    """One target linear's LoRA factors: delta W = scaling * lora_B @ lora_A."""
+    """One target linear's LoRA factors: delta W = scaling * lora_B @ lora_A (DoRA adds a magnitude)."""
 
     lora_A: torch.Tensor  # [rank, in_features]
     lora_B: torch.Tensor  # [out_features, rank]
     scaling: float
+    magnitude: torch.Tensor | None = None  # [out_features], DoRA only
 
     @property
     def rank(self) -> int:
@@ -84,9 +86,11 @@ def read_lora_adapter(
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key)
-        if match is None:
+        magnitude = _MAGNITUDE_KEY.match(key) if match is None and config.get("use_dora") else None
+        if match is None and magnitude is None:
             raise AdapterLoadError(_unexpected_tensor_message(key))
-        factors.setdefault(match["module"], {})[match["part"]] = tensor
+        module, part = (match["module"], match["part"]) if match else (magnitude["module"], "magnitude")
+        factors.setdefault(module, {})[part] = tensor
     if not factors:
         raise AdapterLoadError(f"{ADAPTER_WEIGHTS_FILE} holds no LoRA tensors")
     modules = {
@@ -141,7 +145,7 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _unexpected_tensor_message(key: str) -> str:
     if "lora_magnitude_vector" in key:
-        return "DoRA adapters (lora_magnitude_vector) are not supported for batched serving"
+        return f"DoRA magnitude {key!r} found, but adapter_config.json does not set use_dora"
     if "lora_embedding" in key:
         return f"LoRA on embeddings ({key}) is not supported for batched serving"
     if ".lora_A." in key or ".lora_B." in key:
@@ -166,7 +170,8 @@ def _check_module(
 ) -> LoraModuleWeights:
     if name not in linear_shapes:
         raise AdapterLoadError(f"unknown target module {name!r}: the base model has no such linear layer")
-    missing = [f"lora_{part}" for part in ("A", "B") if part not in parts]
+    needed = ("A", "B", "magnitude") if config.get("use_dora") else ("A", "B")
+    missing = [f"lora_{part}" for part in needed if part not in parts]
     if missing:
         raise AdapterLoadError(f"module {name!r} lacks {' and '.join(missing)}")
     lora_a, lora_b = parts["A"], parts["B"]
@@ -187,6 +192,10 @@ def _check_module(
         raise AdapterLoadError(f"module {name!r}: rank {rank} is above the server's max LoRA rank {max_rank}")
     if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
         raise AdapterLoadError(f"module {name!r}: weights contain NaN or infinity")
+    magnitude = parts.get("magnitude")
+    if magnitude is not None and (magnitude.shape != (out_features,) or not torch.isfinite(magnitude).all()):
+        raise AdapterLoadError(f"module {name!r}: the DoRA magnitude must be {out_features} finite values")
     alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return LoraModuleWeights(lora_A=lora_a.float(), lora_B=lora_b.float(), scaling=scaling)
+    return LoraModuleWeights(lora_A=lora_a.float(), lora_B=lora_b.float(), scaling=scaling,
+                             magnitude=None if magnitude is None else magnitude.float())

@@ -14,6 +14,7 @@ How the delta is computed (`LoraSlotBank.strategy`), measured on 2 CPU cores in 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -59,6 +60,7 @@ class RowRouting:
     rows_of_slot: dict[int, torch.Tensor] | None = None  # for the "grouped" strategy
     row_index: torch.Tensor | None = None  # [rows] slot per row, 0 for none ("gathered")
     row_active: torch.Tensor | None = None  # [rows] 1.0 where the row has a slot ("gathered")
+    gain_index: torch.Tensor | None = None  # [rows] DoRA gain row: the slot, or n_slots (gain 1) for none
 
 
 class _RoutingHolder:
@@ -97,6 +99,10 @@ class SlottedLoraLinear(nn.Module):
         self.register_buffer(
             "lora_B", torch.zeros(n_slots, out_features, max_rank, dtype=dtype, device=device), persistent=False
         )
+        # DoRA: row n_slots stays all ones (rows without an adapter, or plain LoRA slots).
+        self.register_buffer("dora_gain", torch.ones(n_slots + 1, out_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.slot_has_dora = [False] * n_slots
         self.slot_ranks = [0] * n_slots
         self.slot_scaling = [0.0] * n_slots
         self._packed_key: tuple | None = None
@@ -118,6 +124,8 @@ class SlottedLoraLinear(nn.Module):
         self.slot_ranks[slot] = 0
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
+        self.dora_gain[slot].fill_(1.0)
+        self.slot_has_dora[slot] = False
         if weights is None:
             self.slot_scaling[slot] = 0.0
             return
@@ -126,6 +134,9 @@ class SlottedLoraLinear(nn.Module):
         self.lora_B[slot, :, :rank].copy_(weights.lora_B)
         self.slot_scaling[slot] = weights.scaling
         self.slot_ranks[slot] = rank
+        if weights.magnitude is not None:
+            self.dora_gain[slot].copy_(dora_gain(dense_weight(self.base_layer), weights))
+            self.slot_has_dora[slot] = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus, for each row, scaling * B @ A @ x of the row's slot (nothing for rows without one)."""
@@ -141,12 +152,22 @@ class SlottedLoraLinear(nn.Module):
         elif strategy == "packed":
             delta = self._packed_delta(x, routing)
         elif strategy == "grouped":
-            return self._add_grouped(out, x, routing)
+            return self._apply_dora(self._add_grouped(out, x, routing), routing)
         else:
             delta = self._gathered_delta(x, routing)
-        if delta is None:
+        if delta is not None:
+            out = out + delta.to(out.dtype)
+        return self._apply_dora(out, routing)
+
+    def _apply_dora(self, out: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """DoRA rows: y = bias + gain * (W x + s B A x), with gain = magnitude / ||W + s B A|| per output."""
+        if not any(self.slot_has_dora[slot] for slot in routing.active_slots):
             return out
-        return out + delta.to(out.dtype)
+        gain = self.dora_gain[routing.gain_index].to(out.dtype)
+        gain = gain.view(gain.shape[0], *([1] * (out.ndim - 2)), gain.shape[-1])
+        bias = self.base_layer.bias
+        unbiased = out if bias is None else out - bias.to(out.dtype)
+        return out + (gain - 1) * unbiased
 
     def _single_slot_delta(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor | None:
         slot = routing.active_slots[0]
@@ -276,6 +297,11 @@ class LoraSlotBank:
             raise IndexError(f"slot {slot} is out of range (0..{self.n_slots - 1})")
 
     def _build_routing(self, row_slots: tuple[int | None, ...]) -> RowRouting:
+        routing = self._route_rows(row_slots)
+        gain_index = torch.tensor([self.n_slots if s is None else s for s in row_slots], device=self.device)
+        return dataclasses.replace(routing, gain_index=gain_index)
+
+    def _route_rows(self, row_slots: tuple[int | None, ...]) -> RowRouting:
         for slot in row_slots:
             if slot is not None:
                 self._check_slot(slot)
@@ -325,6 +351,23 @@ class LoraSlotBank:
         )
         self._layout = layout
         return layout
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear's weight in float32, dequantized when it is a bitsandbytes 4-bit layer."""
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state).float()
+    return weight.detach().float()
+
+
+def dora_gain(weight: torch.Tensor, weights: LoraModuleWeights) -> torch.Tensor:
+    """DoRA's per-output factor: magnitude / row norm of (W + scaling * B @ A), as peft computes it."""
+    adapted = weight + weights.scaling * (weights.lora_B.to(weight) @ weights.lora_A.to(weight))
+    return weights.magnitude.to(weight) / torch.linalg.norm(adapted, dim=1)
 
 
 def target_linear_names(model: nn.Module) -> list[str]:

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from worker.inference.adapter_files import AdapterLoadError, LoraAdapter, read_lora_adapter
 from worker.inference.base_model import load_base_model, serving_device
-from worker.inference.lora_slots import target_linear_names
+from worker.inference.lora_slots import dora_gain, target_linear_names
 
 
 @torch.no_grad()
@@ -31,7 +31,10 @@ def merge_lora_into(model: nn.Module, adapter_dir: Path | str) -> LoraAdapter:
     for name, weights in adapter.modules.items():
         weight = linears[name].weight
         delta = (weights.lora_B.double() @ weights.lora_A.double()) * weights.scaling
-        weight.copy_((weight.double() + delta.to(weight.device)).to(weight.dtype))
+        merged = weight.double() + delta.to(weight.device)
+        if weights.magnitude is not None:  # DoRA rescales each output row of the adapted weight
+            merged = merged * dora_gain(weight.detach().double(), weights).unsqueeze(1).to(merged)
+        weight.copy_(merged.to(weight.dtype))
     return adapter
 
 

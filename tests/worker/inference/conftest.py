@@ -66,6 +66,8 @@ def bad_lora_dirs(tiny_model_dir: Path, lora_dirs: dict[str, Path], tmp_path_fac
     torch.save(tensors, bin_only / "adapter_model.bin")
     too_big = save_peft_lora(tiny_model_dir, root / "rank-32", r=32, targets=["q_proj"], seed=5)
     dora = save_peft_lora(tiny_model_dir, root / "dora", r=8, targets=["q_proj", "v_proj"], seed=6, use_dora=True)
+    dora_tensors = load_file(dora / "adapter_model.safetensors")
+    save_file({k: v for k, v in dora_tensors.items() if "magnitude" not in k}, dora / "adapter_model.safetensors")
     ia3 = root / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
@@ -74,7 +76,7 @@ def bad_lora_dirs(tiny_model_dir: Path, lora_dirs: dict[str, Path], tmp_path_fac
         "unknown-module": (unknown_module, "unknown target module"),
         "rank-over-max": (too_big, "above the server's max LoRA rank"),
         "bin-only": (bin_only, "pickle files are refused"),
-        "dora": (dora, "not supported for batched serving"),
+        "dora": (dora, "lacks lora_magnitude"),
         "ia3": (ia3, "not supported for batched serving"),
     }
 
