@@ -67,10 +67,10 @@ def _usable_file(session, team: Team, file_id: str, param: str) -> File:
 @router.post("", response_model=JobPublic)
 def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> JobPublic:
     """Validate the whole spec, then write the job and its dispatch in one transaction."""
-    if session.get(BaseModelRecord, body.model) is None:
+    base = session.get(BaseModelRecord, body.model)
+    if base is None:
         known = ", ".join(session.scalars(select(BaseModelRecord.id)).all()) or "none registered"
         raise invalid(f"Unknown base model '{body.model}' (available: {known}).", "model", "model_not_found")
-    base = session.get(BaseModelRecord, body.model)
     files = {"training_file": _usable_file(session, team, body.training_file, "training_file")}
     if body.validation_file:
         files["validation_file"] = _usable_file(session, team, body.validation_file, "validation_file")
