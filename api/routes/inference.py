@@ -25,11 +25,7 @@ def _adapter_for(session, team, model: str) -> AdapterRef | None:
         resolution = resolve_model(session, team.id, model)
     except ResolutionError as exc:
         raise ApiError(404, str(exc), param="model", code="model_not_found") from None
-    adapter = resolution.adapter
-    if adapter is None:
-        return None
-    return AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256,
-                      base_model=adapter.base_model)
+    return AdapterRef.of(resolution.adapter) if resolution.adapter else None
 
 
 @router.post("/chat/completions")
@@ -60,8 +56,7 @@ async def load_lora_adapter(body: LoadLoraAdapter, session: SessionDep, team: Ad
     adapter = find_team_adapter(session, team.id, ref)
     if adapter is None:
         raise ApiError(404, f"No adapter found for '{ref}'.", param="lora_path", code="not_found")
-    payload = {"adapter": AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256,
-                                     base_model=adapter.base_model).model_dump(), "pinned": True}
+    payload = {"adapter": AdapterRef.of(adapter).model_dump(), "pinned": True}
     session.close()
     answers = await broadcast("/internal/adapters/load", payload)
     return {"object": "lora_adapter", "lora_name": body.lora_name, "adapter_id": payload["adapter"]["id"],

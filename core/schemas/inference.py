@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.models import Adapter
+
 MAX_NEW_TOKENS = 4096
 
 
@@ -113,6 +115,12 @@ class AdapterRef(BaseModel):
     storage_key: str
     sha256: str
     base_model: str
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> "AdapterRef":
+        """The reference of a registry row."""
+        return cls(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256,
+                   base_model=adapter.base_model)
 
 
 class LoadLoraAdapter(BaseModel):

@@ -113,7 +113,7 @@ class InferenceService:
             row = session.get(Adapter, adapter_id)
             if row is None or row.status != "ready":
                 return None
-            return AdapterRef(id=row.id, storage_key=row.storage_key, sha256=row.sha256, base_model=row.base_model)
+            return AdapterRef.of(row)
 
     @staticmethod
     def _lookup(ref_text: str) -> str | None:
