@@ -11,7 +11,8 @@ from core.safetensors_header import SafetensorsError, read_folder_shapes, read_s
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SUPPORTED_PEFT_TYPES = ("LORA",)
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# PEFT key of one LoRA tensor: `base_model.model.<module>.lora_A.weight` (an adapter name may sit before `weight`).
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 
 class AdapterCheckError(ValueError):
@@ -69,7 +70,7 @@ def check_adapter_folder(folder: Path, base_dir: Path, max_rank: int) -> Adapter
     lora_modules = set()
     for key, shape in adapter.items():
         params += _numel(shape)
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             _check_vocab(key, shape, base_config)
             continue

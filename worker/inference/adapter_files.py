@@ -13,12 +13,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from core.adapter_check import LORA_KEY, PICKLE_SUFFIXES
+
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-# PEFT key of one LoRA tensor: `base_model.model.<module>.lora_A.weight` (an adapter name may sit before `weight`).
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")
 # DoRA's per-output magnitude: `base_model.model.<module>.lora_magnitude_vector` (maybe `.<adapter>.weight`).
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
@@ -85,7 +83,7 @@ def read_lora_adapter(
     tensors = _read_tensors(folder)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         magnitude = _MAGNITUDE_KEY.match(key) if match is None and config.get("use_dora") else None
         if match is None and magnitude is None:
             raise AdapterLoadError(_unexpected_tensor_message(key))
@@ -131,7 +129,7 @@ def _read_config(folder: Path) -> dict:
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / ADAPTER_WEIGHTS_FILE
     if not path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise AdapterLoadError(
                 f"only {ADAPTER_WEIGHTS_FILE} is loaded; found {', '.join(pickles)} (pickle files are refused)"
