@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from core.models import BaseModelRecord
-from core.storage import sha256_file
+from core.storage import folder_sha256
 
 
 class BaseModelError(ValueError):
@@ -18,11 +17,7 @@ class BaseModelError(ValueError):
 
 def weights_sha256(folder: Path) -> str:
     """One digest over every safetensors file of the folder (name and content)."""
-    files = sorted(folder.glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
+    return folder_sha256(folder, "*.safetensors")[0]
 
 
 def check_model_folder(folder: Path) -> None:

@@ -98,11 +98,11 @@ def get_storage() -> LocalStorage:
     return LocalStorage(get_settings().resolved_storage_dir)
 
 
-def folder_sha256(folder: Path) -> tuple[str, int]:
-    """A digest over every file's name and sha256 in a folder, and the folder's byte count."""
+def folder_sha256(folder: Path, pattern: str = "*") -> tuple[str, int]:
+    """A digest over the name and sha256 of every file matching `pattern`, and their byte count."""
     digest = hashlib.sha256()
     size = 0
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.glob(pattern) if p.is_file()):
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
         size += path.stat().st_size
     return digest.hexdigest(), size
