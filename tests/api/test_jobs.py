@@ -161,3 +161,33 @@ def test_chat_data_on_a_base_without_chat_template_is_400(api, training_file, ti
     text_file = api.client.post("/v1/files", headers=api.headers(), data={"purpose": "fine-tune"},
                                 files={"file": ("t.jsonl", b'{"text": "plain words"}\n')}).json()["id"]
     assert create(api, model="bare-llama", training_file=text_file).status_code == 200
+
+
+def test_the_job_is_committed_before_its_response_is_sent(api, training_file):
+    """A client that acts on a fresh id at once (as the openai SDK does) must find the row."""
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from core.db import session_scope
+    from core.models import Job
+
+    body = json.dumps({"model": "tiny-llama", "training_file": training_file}).encode()
+    rows_seen_at_response_start = []
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {api.key}".encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/fine_tuning/jobs", "raw_path": b"/v1/fine_tuning/jobs", "query_string": b"",
+             "headers": headers, "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200
+            with session_scope() as session:
+                rows_seen_at_response_start.append(session.scalar(select(func.count()).select_from(Job)))
+
+    asyncio.run(api.client.app(scope, receive, send))
+    assert rows_seen_at_response_start == [1]
