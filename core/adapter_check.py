@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.safetensors_header import SafetensorsError, read_folder_shapes, read_shapes
+from core.safetensors_header import SafetensorsError, read_folder_shapes, read_shapes, shape_numel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SUPPORTED_PEFT_TYPES = ("LORA",)
@@ -69,7 +69,7 @@ def check_adapter_folder(folder: Path, base_dir: Path, max_rank: int) -> Adapter
     params = 0
     lora_modules = set()
     for key, shape in adapter.items():
-        params += _numel(shape)
+        params += shape_numel(shape)
         match = LORA_KEY.match(key)
         if match is None:
             _check_vocab(key, shape, base_config)
@@ -95,13 +95,6 @@ def check_adapter_folder(folder: Path, base_dir: Path, max_rank: int) -> Adapter
 def rank_of(shape: list[int], part: str) -> int:
     """The LoRA rank a lora_A ([r, in]) or lora_B ([out, r]) shape implies."""
     return shape[0] if part == "A" else shape[-1]
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total
 
 
 def _check_vocab(key: str, shape: list[int], base_config: dict) -> None:

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.schemas.common import FieldProblems
+
 log = logging.getLogger("patchbay.errors")
 
 _TYPES = {
@@ -64,6 +66,11 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         param = _loc_to_param(tuple(err.get("loc", ())))
         key = param or "body"
         msg = str(err.get("msg", "invalid"))
+        problems = (err.get("ctx") or {}).get("error")
+        if isinstance(problems, FieldProblems):
+            for field, reason in problems.problems:
+                seen.setdefault(field, reason)
+            continue
         if err.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
         elif err.get("type") == "extra_forbidden":

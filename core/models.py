@@ -152,6 +152,8 @@ class Adapter(Base):
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     target_modules: Mapped[list[Any]] = mapped_column(JSON, default=list)
     trainable_params: Mapped[int] = mapped_column(BigInteger, default=0)
+    base_params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    techniques: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

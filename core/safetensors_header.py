@@ -37,3 +37,16 @@ def read_folder_shapes(folder: Path) -> dict[str, list[int]]:
     for path in sorted(folder.glob("*.safetensors")):
         shapes.update(read_shapes(path))
     return shapes
+
+
+def shape_numel(shape: list[int]) -> int:
+    """How many elements a tensor of this shape holds."""
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def count_folder_params(folder: Path) -> int:
+    """How many parameters the safetensors files of a model folder hold (a tied weight stored once counts once)."""
+    return sum(shape_numel(shape) for shape in read_folder_shapes(folder).values())

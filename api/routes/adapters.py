@@ -29,6 +29,7 @@ from core.registry import (
     new_adapter_row,
 )
 from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
+from core.safetensors_header import count_folder_params
 from core.schemas.common import DeletedObject, ListPage
 from core.storage import folder_sha256, get_storage, sha256_file
 
@@ -119,7 +120,8 @@ async def import_adapter(request: Request, session: SessionDep, team: CurrentTea
         row = new_adapter_row(
             session, id=adapter_id, team_id=team.id, name=name, fine_tuned_model=None, base_model=base.id,
             job_id=None, storage_key=f"adapters/{adapter_id}", method="lora", rank=summary.rank,
-            target_modules=summary.target_modules, trainable_params=summary.trainable_params, bytes=size,
+            target_modules=summary.target_modules, trainable_params=summary.trainable_params,
+            base_params=count_folder_params(Path(base.path)), bytes=size,
             sha256=sha, metrics={}, status="ready", source="import")
         session.commit()
         announce("published", team_id=team.id, adapter_id=row.id, name=row.name, version=row.version)

@@ -18,11 +18,16 @@ class AdapterPublic(BaseModel):
     version: int
     fine_tuned_model: str | None
     base_model: str
-    method: str
+    method: str = Field(description="the PEFT method that produced it (lora, qlora, ia3, prefix_tuning, ...)")
+    techniques: dict[str, Any] = Field(
+        default_factory=dict, description="techniques used in training: sparse, layer_drop, layerwise_lr_decay"
+    )
     rank: int | None
     target_modules: list[str]
-    trainable_params: int
-    bytes: int
+    trainable_params: int = Field(description="parameters the adapter trained (for sparse: changed entries too)")
+    base_params: int | None = Field(description="parameters of the base model")
+    trainable_share: float | None = Field(description="trainable_params / base_params")
+    bytes: int = Field(description="size of the stored artifact")
     sha256: str
     metrics: dict[str, Any]
     job_id: str | None
@@ -36,8 +41,11 @@ class AdapterPublic(BaseModel):
         """Render an Adapter row."""
         return cls(
             id=row.id, name=row.name, version=row.version, fine_tuned_model=row.fine_tuned_model,
-            base_model=row.base_model, method=row.method, rank=row.rank, target_modules=row.target_modules or [],
-            trainable_params=row.trainable_params, bytes=row.bytes, sha256=row.sha256, metrics=row.metrics or {},
+            base_model=row.base_model, method=row.method, techniques=row.techniques or {}, rank=row.rank,
+            target_modules=row.target_modules or [], trainable_params=row.trainable_params,
+            base_params=row.base_params,
+            trainable_share=row.trainable_params / row.base_params if row.base_params else None, bytes=row.bytes,
+            sha256=row.sha256, metrics=row.metrics or {},
             job_id=row.job_id, source=row.source, status=row.status, created_at=int(row.created_at),
             aliases=sorted(aliases or []),
         )

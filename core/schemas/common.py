@@ -9,6 +9,17 @@ from pydantic import BaseModel
 T = TypeVar("T")
 
 
+class FieldProblems(ValueError):
+    """Several problems of one object, each naming its field (raised by model validators).
+
+    The API's error edge reports each under its own field instead of under the object as a whole.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in problems))
+        self.problems = problems
+
+
 class ErrorBody(BaseModel):
     """OpenAI's error object."""
 

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.schemas.common import FieldProblems
 from core.schemas.peft_methods import (
     PROMPT_LEARNING,
     RANKED_METHODS,
@@ -96,7 +97,7 @@ class PeftConfigSpec(BaseModel):
     def _consistent(self) -> "PeftConfigSpec":
         problems = spec_problems(self)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FieldProblems(problems)
         return self
 
 
@@ -108,34 +109,32 @@ _METHOD_OBJECTS = {
 }
 
 
-def spec_problems(spec: PeftConfigSpec) -> list[str]:
-    """Every inconsistency of a spec, each naming its field (empty when the spec is usable)."""
+def spec_problems(spec: PeftConfigSpec) -> list[tuple[str, str]]:
+    """Every inconsistency of a spec as (field, reason) pairs (empty when the spec is usable)."""
     problems = []
     method, quantized = spec.method, resolved_quantization(spec) != "none"
     explicit = _changed_fields(spec)
     if method == "qlora" and spec.quantization == "none":
-        problems.append("peft.quantization: method 'qlora' needs a 4-bit quantization (nf4-dq or nf4)")
+        problems.append(("peft.quantization", "method 'qlora' needs a 4-bit quantization (nf4-dq or nf4)"))
     if method in WEIGHT_DELTA_METHODS and quantized:
-        problems.append(
-            f"peft.quantization: method '{method}' cannot train on a 4-bit base (peft has no bitsandbytes 4-bit "
-            f"layer for it, and its update rewrites the whole weight); use quantization 'none'"
-        )
+        problems.append(("peft.quantization", f"method '{method}' cannot train on a 4-bit base (peft has no "
+                         "bitsandbytes 4-bit layer for it, and its update rewrites the whole weight); use 'none'"))
     if isinstance(spec.target_modules, list) and not spec.target_modules:
-        problems.append("peft.target_modules must name at least one module, or be 'all-linear'")
+        problems.append(("peft.target_modules", "must name at least one module, or be 'all-linear'"))
     if method not in RANKED_METHODS:
         for name in ("r", "alpha", "dropout", "target_modules"):
             if name in explicit:
-                problems.append(f"peft.{name} does not apply to method '{method}'")
+                problems.append((f"peft.{name}", f"does not apply to method '{method}'"))
     for field, methods in _METHOD_OBJECTS.items():
         if getattr(spec, field) is not None and method not in methods:
-            problems.append(f"peft.{field} applies only to method {' or '.join(repr(m) for m in methods)}")
+            problems.append((f"peft.{field}", f"applies only to method {' or '.join(repr(m) for m in methods)}"))
     if spec.prompt is not None:
         problems += _prompt_problems(spec.prompt, method, explicit=_changed_fields(spec.prompt))
     if method in PROMPT_LEARNING and spec.packing:
-        problems.append(f"peft.packing: method '{method}' prepends virtual tokens to every example, so examples "
-                        "cannot be packed; leave packing unset or false")
+        problems.append(("peft.packing", f"method '{method}' prepends virtual tokens to every example, so "
+                         "examples cannot be packed; leave packing unset or false"))
     if spec.adalora is not None and spec.adalora.init_r is not None and spec.adalora.init_r < spec.r:
-        problems.append("peft.adalora.init_r must be at least peft.r (AdaLoRA prunes from init_r down to r)")
+        problems.append(("peft.adalora.init_r", "must be at least peft.r (AdaLoRA prunes from init_r down to r)"))
     if spec.sparse is not None:
         problems += _sparse_problems(spec.sparse, quantized)
     return problems
@@ -147,24 +146,24 @@ def _changed_fields(model: BaseModel) -> set[str]:
             if not info.is_required() and getattr(model, name) != info.get_default(call_default_factory=True)}
 
 
-def _prompt_problems(prompt: PromptSpec, method: str, explicit: set[str]) -> list[str]:
+def _prompt_problems(prompt: PromptSpec, method: str, explicit: set[str]) -> list[tuple[str, str]]:
     owners = {"init_text": ("prompt_tuning",), "encoder": ("p_tuning",),
               "encoder_hidden_size": ("p_tuning", "prefix_tuning"), "prefix_projection": ("prefix_tuning",)}
-    return [f"peft.prompt.{name} applies only to method {' or '.join(repr(m) for m in methods)}"
+    return [(f"peft.prompt.{name}", f"applies only to method {' or '.join(repr(m) for m in methods)}")
             for name, methods in owners.items() if name in explicit and method not in methods]
 
 
-def _sparse_problems(sparse: SparseSpec, quantized: bool) -> list[str]:
+def _sparse_problems(sparse: SparseSpec, quantized: bool) -> list[tuple[str, str]]:
     problems = []
     explicit = _changed_fields(sparse)
     if sparse.kind == "modules" and not sparse.modules:
-        problems.append("peft.sparse.modules: kind 'modules' needs the modules or layers to train")
+        problems.append(("peft.sparse.modules", "kind 'modules' needs the modules or layers to train"))
     if sparse.kind == "top_k" and quantized and not sparse.modules:
-        problems.append("peft.sparse.modules: kind 'top_k' on a 4-bit base needs the modules to search, "
-                        "which are kept in full precision (4-bit weights cannot train)")
+        problems.append(("peft.sparse.modules", "kind 'top_k' on a 4-bit base needs the modules to search, "
+                         "which are kept in full precision (4-bit weights cannot train)"))
     for name in ("density", "warmup_steps"):
         if name in explicit and sparse.kind != "top_k":
-            problems.append(f"peft.sparse.{name} applies only to kind 'top_k'")
+            problems.append((f"peft.sparse.{name}", "applies only to kind 'top_k'"))
     return problems
 
 

@@ -58,14 +58,65 @@ def test_invalid_spec_names_first_field_and_lists_all(api, training_file):
         assert field in error["message"], error["message"]
 
 
+@pytest.mark.parametrize("method, quantization", [
+    ("loha", "nf4-dq"), ("lokr", "nf4"), ("hra", "nf4-dq"),
+])
+def test_methods_without_a_4bit_layer_are_refused_on_a_4bit_base_saying_why(api, training_file, method,
+                                                                              quantization):
+    response = create(api, model="tiny-llama", training_file=training_file,
+                      peft={"method": method, "quantization": quantization})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "peft.quantization"
+    assert "4-bit" in error["message"] and "'none'" in error["message"], error["message"]
+
+
+def test_every_problem_of_a_spec_is_listed_under_its_own_field(api, training_file):
+    response = create(api, model="tiny-llama", training_file=training_file,
+                      peft={"method": "prompt_tuning", "r": 8, "packing": True, "prompt": {"encoder": "lstm"}})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    for field in ("peft.r", "peft.packing", "peft.prompt.encoder"):
+        assert f"{field}:" in message, message
+
+
+@pytest.mark.parametrize("peft, filled", [
+    ({"method": "adalora", "r": 4}, {"adalora": {"init_r": 6, "tinit": 6, "tfinal": 12}}),
+    ({"method": "prompt_tuning"}, {"prompt": {"num_virtual_tokens": 20}, "packing": False}),
+    ({"method": "p_tuning", "prompt": {"encoder": "lstm"}}, {"prompt": {"encoder": "lstm"}, "packing": False}),
+    ({"method": "bottleneck_adapter", "quantization": "nf4-dq"}, {"bottleneck": {"size": 64}, "quantization": "nf4-dq"}),
+    ({"method": "ia3"}, {"ia3": {"target_modules": None}, "packing": True}),
+    ({"method": "hra", "quantization": "none"}, {"quantization": "none"}),
+    ({"method": "lora", "sparse": {"kind": "top_k"}, "layer_drop": 0.1, "layerwise_lr_decay": 0.8},
+     {"sparse": {"kind": "top_k", "density": 0.01}, "layer_drop": 0.1, "layerwise_lr_decay": 0.8}),
+])
+def test_each_method_gets_its_defaults_filled(api, training_file, peft, filled):
+    response = create(api, model="tiny-llama", training_file=training_file, peft=peft,
+                      hyperparameters={"n_epochs": 3, "batch_size": 2})
+    assert response.status_code == 200, response.text
+    shown = response.json()["peft"]
+    for key, value in filled.items():
+        if isinstance(value, dict):
+            assert {k: shown[key][k] for k in value} == value
+        else:
+            assert shown[key] == value
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": "nope"}, "model"),
     ({"training_file": "file-missing"}, "training_file"),
     ({"validation_file": "file-missing"}, "validation_file"),
     ({"suffix": "x" * 65}, "suffix"),
     ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
-    ({"peft": {"method": "qlora", "quantization": "none"}}, "peft"),
-    ({"peft": {"method": "loha"}}, "peft.method"),
+    ({"peft": {"method": "qlora", "quantization": "none"}}, "peft.quantization"),
+    ({"peft": {"method": "loha", "quantization": "nf4-dq"}}, "peft.quantization"),
+    ({"peft": {"method": "vera"}}, "peft.method"),
+    ({"peft": {"method": "prompt_tuning", "packing": True}}, "peft.packing"),
+    ({"peft": {"method": "lora", "bottleneck": {"size": 8}}}, "peft.bottleneck"),
+    ({"peft": {"method": "bottleneck_adapter", "bottleneck": {"size": 0}}}, "peft.bottleneck.size"),
+    ({"peft": {"method": "qlora", "sparse": {"kind": "top_k"}}}, "peft.sparse.modules"),
+    ({"peft": {"method": "lora", "sparse": {"kind": "bitfit", "density": 0.5}}}, "peft.sparse.density"),
+    ({"peft": {"method": "lora", "layer_drop": 1.0}}, "peft.layer_drop"),
     ({"method": {"type": "dpo"}}, "method.type"),
     ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
 ])
