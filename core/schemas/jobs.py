@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.models import Checkpoint, Job, JobEvent
+from core.schemas.peft_methods import RANKED_METHODS
 from core.schemas.training import Hyperparameters, PeftConfigSpec
 
 
@@ -110,11 +111,9 @@ class JobPublic(BaseModel):
         }
         peft = dict(resolved.get("peft") or row.spec.get("peft") or {})
         if resolved:
-            peft.update(
-                quantization=resolved["quantization"],
-                alpha=resolved["lora_alpha"],
-                learning_rate=resolved["learning_rate"],
-            )
+            peft.update(quantization=resolved["quantization"], learning_rate=resolved["learning_rate"])
+            if peft.get("method") in RANKED_METHODS:
+                peft["alpha"] = resolved["lora_alpha"]
         return cls(
             id=row.id,
             model=row.model,

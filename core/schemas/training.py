@@ -239,3 +239,11 @@ def _with_method_defaults(peft: PeftConfigSpec, steps: int) -> PeftConfigSpec:
     elif peft.method == "bottleneck_adapter":
         update["bottleneck"] = peft.bottleneck or BottleneckSpec()
     return peft.model_copy(update=update)
+
+
+TECHNIQUES = ("sparse", "layer_drop", "layerwise_lr_decay")
+
+
+def techniques_of(peft: dict) -> dict:
+    """The techniques a (resolved, JSON) peft spec uses, by name, with their settings."""
+    return {name: peft[name] for name in TECHNIQUES if peft.get(name) is not None}
