@@ -101,6 +101,7 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
         files={"training_file": training_file, "validation_file": validation_file},
         result_metrics=result.metrics, quantization=result.quantization,
         trainable_params=result.trainable_params, total_params=result.total_params,
+        base_params=result.base_params, probe=result.probe,
     )
     with session_scope() as session:
         job = session.get(Job, job_id)

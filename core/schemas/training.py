@@ -133,6 +133,9 @@ def spec_problems(spec: PeftConfigSpec) -> list[tuple[str, str]]:
     if method in PROMPT_LEARNING and spec.packing:
         problems.append(("peft.packing", f"method '{method}' prepends virtual tokens to every example, so "
                          "examples cannot be packed; leave packing unset or false"))
+    if method == "prefix_tuning" and spec.gradient_checkpointing:
+        problems.append(("peft.gradient_checkpointing", "method 'prefix_tuning' feeds every layer a prefix cache, "
+                         "which activation checkpointing cannot recompute; leave it off"))
     if spec.adalora is not None and spec.adalora.init_r is not None and spec.adalora.init_r < spec.r:
         problems.append(("peft.adalora.init_r", "must be at least peft.r (AdaLoRA prunes from init_r down to r)"))
     if spec.sparse is not None:

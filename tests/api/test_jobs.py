@@ -84,7 +84,8 @@ def test_every_problem_of_a_spec_is_listed_under_its_own_field(api, training_fil
     ({"method": "adalora", "r": 4}, {"adalora": {"init_r": 6, "tinit": 6, "tfinal": 12}}),
     ({"method": "prompt_tuning"}, {"prompt": {"num_virtual_tokens": 20}, "packing": False}),
     ({"method": "p_tuning", "prompt": {"encoder": "lstm"}}, {"prompt": {"encoder": "lstm"}, "packing": False}),
-    ({"method": "bottleneck_adapter", "quantization": "nf4-dq"}, {"bottleneck": {"size": 64}, "quantization": "nf4-dq"}),
+    ({"method": "bottleneck_adapter", "quantization": "nf4-dq"},
+     {"bottleneck": {"size": 64}, "quantization": "nf4-dq"}),
     ({"method": "ia3"}, {"ia3": {"target_modules": None}, "packing": True}),
     ({"method": "hra", "quantization": "none"}, {"quantization": "none"}),
     ({"method": "lora", "sparse": {"kind": "top_k"}, "layer_drop": 0.1, "layerwise_lr_decay": 0.8},
@@ -117,6 +118,7 @@ def test_each_method_gets_its_defaults_filled(api, training_file, peft, filled):
     ({"peft": {"method": "qlora", "sparse": {"kind": "top_k"}}}, "peft.sparse.modules"),
     ({"peft": {"method": "lora", "sparse": {"kind": "bitfit", "density": 0.5}}}, "peft.sparse.density"),
     ({"peft": {"method": "lora", "layer_drop": 1.0}}, "peft.layer_drop"),
+    ({"peft": {"method": "prefix_tuning", "gradient_checkpointing": True}}, "peft.gradient_checkpointing"),
     ({"method": {"type": "dpo"}}, "method.type"),
     ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
 ])

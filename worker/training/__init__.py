@@ -1,1 +1,1 @@
-"""QLoRA/LoRA/DoRA fine-tuning: device choice, model loading, data, checkpoints and the recipe."""
+"""Fine-tuning with every peft.method: device choice, model loading, methods, data, checkpoints and the recipe."""

@@ -1,8 +1,11 @@
 """Save and restore a training checkpoint folder without pickle.
 
 Layout of a checkpoint folder:
-- `adapter/`: the adapter in PEFT layout (adapter_config.json + adapter_model.safetensors),
-  usable on its own;
+- `adapter/`: the method's artifact (adapter_config.json + adapter_model.safetensors), usable on its own;
+- `trainable.safetensors`: every trainable parameter, keyed by name (restored on resume; the artifact
+  alone may not hold them, e.g. prefix tuning saves its projected prefix, not the projection);
+- `method_state.safetensors` / `method_state.json`: the method's own state, when it has any
+  (AdaLoRA's importance scores and rank pattern);
 - `optimizer.safetensors`: every optimizer state tensor, keyed `<parameter name>/<state key>`;
 - `rng.safetensors`: the torch CPU (and CUDA) random generator states;
 - `trainer_state.json`: the step, the optimizer's hyperparameters, the LR scheduler's state
@@ -15,14 +18,15 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+from worker.training.methods import AttachedMethod
 
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -82,7 +86,7 @@ def _optimizer_from_files(
 def save_training_checkpoint(
     folder: Path,
     *,
-    model: PeftModel,
+    method: AttachedMethod,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     param_names: list[str],
@@ -96,7 +100,8 @@ def save_training_checkpoint(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+    method.save(folder / ADAPTER_DIR)
+    method.save_state(folder)
     tensors, groups = _optimizer_to_files(optimizer, param_names)
     save_file(tensors, folder / OPTIMIZER_FILE)
     save_file(_rng_state(), folder / RNG_FILE)
@@ -114,23 +119,18 @@ def save_training_checkpoint(
 def load_training_checkpoint(
     folder: Path,
     *,
-    model: PeftModel,
+    method: AttachedMethod,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     param_names: list[str],
 ) -> tuple[int, dict]:
-    """Restore adapter weights, optimizer, scheduler and RNG from `folder`; return (step, progress)."""
+    """Restore trainable weights, method state, optimizer, scheduler and RNG from `folder`;
+    return (step, progress)."""
     folder = Path(folder)
     state = json.loads((folder / STATE_FILE).read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported checkpoint format {state.get('format_version')!r}")
-    device = next(p.device for p in model.parameters() if p.requires_grad)
-    adapter_weights = load_file(folder / ADAPTER_DIR / "adapter_model.safetensors", device=str(device))
-    result = set_peft_model_state_dict(model, adapter_weights)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint adapter does not fit the model: missing {missing[:3]}, "
-                         f"unexpected {list(result.unexpected_keys)[:3]}")
+    method.load_state(folder)
     # Loaded on CPU: load_state_dict moves each moment to its parameter's device, keeps `step` on CPU.
     tensors = load_file(folder / OPTIMIZER_FILE)
     _optimizer_from_files(optimizer, param_names, tensors, state["optimizer_param_groups"])

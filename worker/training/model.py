@@ -1,4 +1,4 @@
-"""Load a base model (optionally 4-bit NF4), attach a LoRA/DoRA adapter, and report the quantization."""
+"""Load a base model (optionally 4-bit NF4), attach the job's method, and report the quantization."""
 
 from __future__ import annotations
 
@@ -7,45 +7,44 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from core.schemas.training import ResolvedTraining
 from worker.training.device import DeviceChoice
+from worker.training.methods import AttachedMethod, attach_method
+from worker.training.techniques import Techniques
 
 
 @dataclass
 class LoadedModel:
-    """The adapter-wrapped model and its tokenizer, ready to train."""
+    """The method-wrapped model and its tokenizer, ready to train."""
 
-    model: PeftModel
+    method: AttachedMethod
     tokenizer: PreTrainedTokenizerBase
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The module to train and call: a `PeftModel`, or the causal LM with our own adapters."""
+        return self.method.model
+
+    @property
     def causal_lm(self) -> torch.nn.Module:
-        """The transformers causal LM under the PEFT wrapper (with the LoRA layers injected)."""
-        return self.model.get_base_model()
+        """The transformers causal LM underneath (with the method's layers injected or hooked)."""
+        return self.method.causal_lm
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts as its logical size."""
-        trainable = total = 0
-        for param in self.model.parameters():
-            n = _logical_numel(param)
-            total += n
-            if param.requires_grad:
-                trainable += n
-        return trainable, total
+        return self.method.param_counts()
 
 
-def _logical_numel(param: torch.Tensor) -> int:
-    quant_state = getattr(param, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return param.numel()
+def quantization_config(
+    quantization: str, compute_dtype: torch.dtype, skip_modules: list[str] | None = None
+) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for "nf4-dq" (NF4 + double quantization) or "nf4"; None for "none".
 
-
-def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """The bitsandbytes config for "nf4-dq" (NF4 + double quantization) or "nf4"; None for "none"."""
+    `skip_modules` (module names kept in full precision) replaces transformers' default skips.
+    """
     if quantization == "none":
         return None
     if quantization not in ("nf4-dq", "nf4"):
@@ -55,32 +54,21 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAn
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=quantization == "nf4-dq",
         bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip_modules,
     )
 
 
-def lora_config(config: ResolvedTraining) -> LoraConfig:
-    """The peft LoraConfig for the job's method (qlora/lora are LoRA, dora sets use_dora)."""
-    spec = config.peft
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=spec.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=spec.dropout,
-        target_modules="all-linear" if spec.target_modules == "all-linear" else list(spec.target_modules),
-        use_dora=spec.method == "dora",
-        bias="none",
-    )
+def load_tokenizer(base_model_path: str) -> PreTrainedTokenizerBase:
+    """The base model folder's tokenizer (no remote code)."""
+    return AutoTokenizer.from_pretrained(base_model_path, trust_remote_code=False)
 
 
-def load_model_for_training(
-    base_model_path: str, config: ResolvedTraining, device: DeviceChoice
-) -> LoadedModel:
-    """Load the base model folder (safetensors only), quantize it as configured and attach the adapter.
-
-    Set the random seed before calling: the adapter's initial weights are random.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(base_model_path, trust_remote_code=False)
-    quant = quantization_config(config.quantization, device.compute_dtype)
+def load_base_model(
+    base_model_path: str, quantization: str, device: DeviceChoice, *, skip_modules: list[str] | None = None
+) -> torch.nn.Module:
+    """Load the base model folder (safetensors only) as training sees it: quantized as asked (except
+    `skip_modules`), and, when 4-bit, frozen and prepared for k-bit training (non-quantized weights upcast)."""
+    quant = quantization_config(quantization, device.compute_dtype, skip_modules)
     base = AutoModelForCausalLM.from_pretrained(
         base_model_path,
         dtype=device.compute_dtype,
@@ -93,18 +81,55 @@ def load_model_for_training(
         base.to(device.device)
     base.config.use_cache = False
     if quant is not None:
-        # Freezes the base and upcasts the non-quantized weights; checkpointing is set below.
+        # Freezes the base and upcasts the non-quantized weights; checkpointing is set by the caller.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    if config.peft.gradient_checkpointing:
+    return base
+
+
+NO_GRADIENT_CHECKPOINTING = ("prefix_tuning",)
+"""Methods that cannot train with activation checkpointing (peft's prefix cache would be recomputed)."""
+
+
+def gradient_checkpointing_applies(config: ResolvedTraining) -> bool:
+    """Whether the job trains with activation checkpointing: asked for, and possible for its method."""
+    return config.peft.gradient_checkpointing and config.peft.method not in NO_GRADIENT_CHECKPOINTING
+
+
+def load_model_for_training(
+    base_model_path: str,
+    config: ResolvedTraining,
+    device: DeviceChoice,
+    *,
+    total_steps: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    techniques: Techniques | None = None,
+) -> LoadedModel:
+    """Load and quantize the base model as configured, and attach the job's method and techniques.
+
+    `total_steps` (AdaLoRA's schedule) defaults to the spec's expected steps. Set the random seed
+    before calling: the adapter's initial weights are random.
+    """
+    tokenizer = tokenizer or load_tokenizer(base_model_path)
+    total_steps = total_steps if total_steps is not None else (config.expected_steps or 1)
+    techniques = techniques or Techniques(config, total_steps)
+    skip_modules = techniques.skip_modules(base_model_path) if config.quantization != "none" else None
+    base = load_base_model(base_model_path, config.quantization, device, skip_modules=skip_modules)
+    if gradient_checkpointing_applies(config):
         # Non-reentrant checkpointing needs no input-requires-grad hook.
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, lora_config(config))
-    return LoadedModel(model=model, tokenizer=tokenizer)
+    techniques.before_attach(base)
+    added = techniques.added_params()
+    method = attach_method(
+        base, config, base_model_path=base_model_path, total_steps=total_steps, adapter_dtype=device.compute_dtype,
+    )
+    method.base_params -= added
+    techniques.after_attach(method.model)
+    return LoadedModel(method=method, tokenizer=tokenizer)
 
 
 @contextmanager
 def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) for a validation pass, then back to train mode.
+    """Eval mode (dropout off) for a validation pass or a probe, then back to each module's previous mode.
 
     bitsandbytes' `Linear4bit` repacks its weight for CPU inference the first time it runs in
     eval mode on a CPU with AVX512-BF16, and never unpacks it on `train()`: later backward passes
@@ -113,6 +138,7 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     """
     import bitsandbytes as bnb
 
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -120,7 +146,8 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        model.train()
+        for module, training in modes:
+            module.training = training
 
 
 def decoder_layers(causal_lm: torch.nn.Module) -> torch.nn.ModuleList:

@@ -13,6 +13,8 @@ from core.ids import new_id
 from core.models import Adapter, BaseModelRecord, File, Job, Team
 from core.naming import adapter_name, fine_tuned_model_name
 from core.registry import new_adapter_row
+from core.schemas.peft_methods import RANKED_METHODS
+from core.schemas.training import techniques_of
 from core.storage import LocalStorage, folder_sha256, sha256_file
 
 METADATA_FILE = "patchbay.json"
@@ -34,8 +36,12 @@ def _tokenizer_hashes(base_dir: Path) -> dict[str, str | None]:
 
 def write_metadata(adapter_dir: Path, *, job: Job, base: BaseModelRecord, files: dict[str, File | None],
                    result_metrics: dict[str, Any], quantization: dict[str, Any], trainable_params: int,
-                   total_params: int) -> dict[str, Any]:
-    """Write `patchbay.json` beside the PEFT files and return it."""
+                   total_params: int, base_params: int, probe: dict[str, Any]) -> dict[str, Any]:
+    """Write `patchbay.json` beside the artifact files and return it.
+
+    `base_params` is the base model's logical size (adapter excluded); `probe` holds logits of the trained
+    in-memory model (worker.training.artifacts.probe_record) so any process can verify the artifact.
+    """
     file_hashes = {p.name: sha256_file(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()}
     metadata = {
         "format": "patchbay.adapter/v1",
@@ -46,6 +52,8 @@ def write_metadata(adapter_dir: Path, *, job: Job, base: BaseModelRecord, files:
         "metrics": result_metrics,
         "trainable_params": trainable_params,
         "total_params": total_params,
+        "base_params": base_params,
+        "probe": probe,
         "datasets": {kind: ({"id": f.id, "sha256": f.sha256} if f else None) for kind, f in files.items()},
         "files": file_hashes,
     }
@@ -63,6 +71,8 @@ def publish_adapter(session: Session, storage: LocalStorage, *, job: Job, adapte
     sha, size = folder_sha256(adapter_dir)
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     targets = peft_config.get("target_modules") or []
+    peft_spec = (job.resolved or {}).get("peft", {})
+    method = peft_spec.get("method", "lora")
     return new_adapter_row(
         session,
         id=adapter_id,
@@ -72,10 +82,12 @@ def publish_adapter(session: Session, storage: LocalStorage, *, job: Job, adapte
         base_model=job.model,
         job_id=job.id,
         storage_key=key,
-        method=(job.resolved or {}).get("peft", {}).get("method", "lora"),
-        rank=peft_config.get("r"),
+        method=method,
+        techniques=techniques_of(peft_spec),
+        rank=(peft_config.get("target_r") or peft_config.get("r")) if method in RANKED_METHODS else None,
         target_modules=sorted(targets) if isinstance(targets, list) else [targets],
         trainable_params=metadata["trainable_params"],
+        base_params=metadata["base_params"],
         bytes=size,
         sha256=sha,
         metrics=metadata["metrics"],

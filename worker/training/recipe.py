@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from transformers import get_scheduler, set_seed
 
 from core.datasets import Example
+from core.schemas.peft_methods import PROMPT_LEARNING
 from core.schemas.training import ResolvedTraining
+from worker.training.artifacts import probe_record
 from worker.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from worker.training.data import (
     IGNORE_INDEX,
@@ -29,8 +31,16 @@ from worker.training.data import (
     tokenize_dataset,
 )
 from worker.training.device import choose_device
-from worker.training.model import LoadedModel, evaluation_mode, load_model_for_training, quantization_report
+from worker.training.model import (
+    LoadedModel,
+    evaluation_mode,
+    gradient_checkpointing_applies,
+    load_model_for_training,
+    load_tokenizer,
+    quantization_report,
+)
 from worker.training.packed_attention import SEGMENT_LENGTHS_KWARG, use_packed_attention
+from worker.training.techniques import Techniques
 
 ROW_TOKEN_BUDGET = 2048
 """Tokens per forward pass (a packed row or a padded micro-batch), unless max_seq_length is larger."""
@@ -78,6 +88,8 @@ class TrainResult:
     quantization: dict  # quantization_report
     trainable_params: int
     total_params: int
+    base_params: int  # the base model's logical size (4-bit weights unquantized), adapter excluded
+    probe: dict  # logits of the trained in-memory model on a few positions (see artifacts.probe_record)
 
 
 @dataclass
@@ -111,11 +123,13 @@ class _RunClock:
 
 
 class FineTuneRecipe:
-    """Supervised (Q)LoRA / DoRA fine-tuning of a causal LM on chat, completion or text examples.
+    """Supervised fine-tuning of a causal LM with any `peft.method`, on chat, completion or text examples.
 
     The loss of an optimizer step is the mean cross-entropy over all its labelled tokens (across
     all its rows). Only labelled positions go through `lm_head`: the decoder body runs on every
-    token, then the hidden states of the labelled positions are gathered and projected.
+    token, then the hidden states of the labelled positions are gathered and projected. Prompt-learning
+    methods run the peft model's forward (it prepends the virtual tokens or the prefix cache) and keep
+    the logits of the labelled positions only.
     """
 
     def __init__(self, job: TrainingJob, ctx: JobContext, *, row_token_cap: int | None = None) -> None:
@@ -133,25 +147,18 @@ class FineTuneRecipe:
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Pick the device, load and quantize the model, attach the adapter, tokenize, build the
+        """Pick the device, tokenize, load and quantize the model, attach the method, build the
         optimizer and LR schedule, and resume from the context's latest checkpoint if any."""
         spec = self.config.peft
+        if spec.method in PROMPT_LEARNING and spec.packing:
+            raise ValueError(f"method {spec.method} prepends virtual tokens to every example: packing must be off")
         set_seed(self.config.seed)
         self.device = choose_device()
         self.ctx.event(
             f"training on {self.device.device.type} with {self.device.dtype_name} compute",
             data={"device": str(self.device.device), "compute_dtype": self.device.dtype_name},
         )
-        self.loaded = load_model_for_training(self.job.base_model_path, self.config, self.device)
-        causal_lm = self.loaded.causal_lm
-        _require_plain_lm_head(causal_lm.config)
-        if spec.packing:
-            use_packed_attention(causal_lm)
-        self.decoder = causal_lm.get_decoder()
-        self.lm_head = causal_lm.get_output_embeddings()
-        self.quantization = quantization_report(self.loaded.model)
-        self.ctx.event(_describe_quantization(self.quantization), data=self.quantization)
-
+        self.tokenizer = load_tokenizer(self.job.base_model_path)
         self.train_data = self._tokenize(self.job.training_examples)
         validation = self.job.validation_examples
         self.valid_data = self._tokenize(validation) if validation else None
@@ -166,12 +173,25 @@ class FineTuneRecipe:
         if spec.max_steps is not None:
             self.total_steps = min(self.total_steps, spec.max_steps)
 
-        named = [(name, p) for name, p in self.loaded.model.named_parameters() if p.requires_grad]
-        self.param_names = [name for name, _ in named]
-        self.trainable = [p for _, p in named]
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=self.config.learning_rate, weight_decay=spec.weight_decay
+        self.techniques = Techniques(self.config, self.total_steps)
+        self.loaded = load_model_for_training(
+            self.job.base_model_path, self.config, self.device, total_steps=self.total_steps,
+            tokenizer=self.tokenizer, techniques=self.techniques,
         )
+        self.method = self.loaded.method
+        if spec.gradient_checkpointing and not gradient_checkpointing_applies(self.config):
+            self.ctx.event(f"gradient checkpointing is off: method {spec.method} cannot use it", level="warning",
+                           data={"gradient_checkpointing": False})
+        causal_lm = self.loaded.causal_lm
+        _require_plain_lm_head(causal_lm.config)
+        if spec.packing:
+            use_packed_attention(causal_lm)
+        self.decoder = causal_lm.get_decoder()
+        self.lm_head = causal_lm.get_output_embeddings()
+        self.quantization = quantization_report(self.loaded.model)
+        self.ctx.event(_describe_quantization(self.quantization), data=self.quantization)
+
+        self._build_optimizer()
         self.scheduler = get_scheduler(
             spec.lr_scheduler,
             self.optimizer,
@@ -180,10 +200,20 @@ class FineTuneRecipe:
         )
         self._resume_if_checkpointed()
 
+    def _build_optimizer(self) -> None:
+        """AdamW over every trainable parameter, in groups when the techniques need them (layer-wise
+        learning rates; no weight decay on sparsely masked weights). Sets `param_names`, `trainable`,
+        `optimizer`."""
+        groups, self.param_names = self.techniques.param_groups(self.method.named_trainable(), self.method.model)
+        self.trainable = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=self.config.learning_rate, weight_decay=self.config.peft.weight_decay
+        )
+
     def _tokenize(self, examples: list[Example]) -> TokenizedDataset:
         return tokenize_dataset(
             examples,
-            self.loaded.tokenizer,
+            self.tokenizer,
             max_seq_length=self.config.peft.max_seq_length,
             train_on_inputs=self.config.peft.train_on_inputs,
         )
@@ -216,7 +246,7 @@ class FineTuneRecipe:
                 for start in range(0, len(examples), size)]
 
     def _rows(self, examples) -> list[Row]:
-        tokenizer = self.loaded.tokenizer
+        tokenizer = self.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return build_rows(
             examples, packing=self.config.peft.packing, row_token_cap=self.row_token_cap, pad_id=pad_id
@@ -229,11 +259,12 @@ class FineTuneRecipe:
         _, folder = latest
         step, progress = load_training_checkpoint(
             folder,
-            model=self.loaded.model,
+            method=self.method,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             param_names=self.param_names,
         )
+        self.techniques.load_state(folder)
         self.step = step
         self.resumed_from_step = step
         self.progress = _Progress(**progress)
@@ -249,7 +280,7 @@ class FineTuneRecipe:
         evaluated_at = None
         while self.step < self.total_steps:
             self._raise_if_stopped()
-            learning_rate = self.scheduler.get_last_lr()[0]
+            learning_rate = max(self.scheduler.get_last_lr())  # layer-wise decay: the top layer's rate
             train_loss, n_tokens = self._train_step()
             self.step += 1
             clock.steps += 1
@@ -276,9 +307,13 @@ class FineTuneRecipe:
 
         if self.valid_rows and evaluated_at != self.step:  # resumed at the very end
             self.progress.valid_loss = self.evaluate()
+        self.method.finalize()
+        probe = probe_record(self.loaded.model, self.train_data.examples[0].input_ids)
         adapter_dir = Path(self.job.work_dir) / "adapter"
-        self.loaded.model.save_pretrained(adapter_dir, safe_serialization=True)
-        trainable, total = self.loaded.param_counts()
+        self.method.save(adapter_dir)
+        self.techniques.save(adapter_dir)
+        _, total = self.loaded.param_counts()
+        trainable = self.techniques.trainable_params(self.trainable)
         final = {
             "train_loss": self.progress.train_loss,
             "valid_loss": self.progress.valid_loss,
@@ -303,12 +338,15 @@ class FineTuneRecipe:
             quantization=self.quantization,
             trainable_params=trainable,
             total_params=total,
+            base_params=self.method.base_params,
+            probe=probe,
         )
 
     def _train_step(self) -> tuple[float, int]:
         """One optimizer step over this step's examples; returns (token-mean loss, real tokens)."""
         epoch, index = divmod(self.step, self.steps_per_epoch)
         indices = self._epoch_batches(epoch)[index]
+        self.techniques.begin_step(self.step)
         rows = self._rows([self.train_data.examples[i] for i in indices])
         n_labelled = sum(row.n_labelled for row in rows)
         loss_sum = 0.0
@@ -317,8 +355,13 @@ class FineTuneRecipe:
             row_loss = self._row_loss_sum(row)
             (row_loss / n_labelled).backward()
             loss_sum += row_loss.item()
+        regulariser = self.method.extra_loss()
+        if regulariser is not None:
+            regulariser.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
         self.optimizer.step()
+        self.techniques.after_optimizer_step(self.optimizer, self.trainable)
+        self.method.after_optimizer_step(self.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / n_labelled, sum(row.n_real_tokens for row in rows)
@@ -333,6 +376,8 @@ class FineTuneRecipe:
 
     def _row_loss_sum(self, row: Row) -> torch.Tensor:
         """Summed cross-entropy of a row's labelled positions; lm_head runs only on those."""
+        if self.method.prompt_learning:
+            return self._prompt_row_loss_sum(row)
         device = self.device.device
         kwargs = {}
         if row.segment_lengths is not None:
@@ -348,6 +393,24 @@ class FineTuneRecipe:
         labelled = targets != IGNORE_INDEX
         logits = self.lm_head(hidden[labelled])
         return F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+
+    def _prompt_row_loss_sum(self, row: Row) -> torch.Tensor:
+        """The same loss through the peft model's forward, which adds the virtual tokens or prefix.
+
+        lm_head runs on the columns where some example of the micro-batch has a label (shifted past
+        the virtual tokens that prompt/P-tuning prepend to the sequence).
+        """
+        device = self.device.device
+        targets = row.targets.to(device)
+        columns = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        input_ids = row.input_ids.to(device)
+        mask = row.attention_mask.to(device) if row.attention_mask is not None else torch.ones_like(input_ids)
+        logits = self.loaded.model(
+            input_ids=input_ids, attention_mask=mask, logits_to_keep=columns + self.method.virtual_tokens_in_logits
+        ).logits
+        kept_targets = targets[:, columns]
+        labelled = kept_targets != IGNORE_INDEX
+        return F.cross_entropy(logits[labelled].float(), kept_targets[labelled], reduction="sum")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -386,7 +449,7 @@ class FineTuneRecipe:
         folder = Path(self.job.work_dir) / "checkpoints" / f"step-{self.step:06d}"
         save_training_checkpoint(
             folder,
-            model=self.loaded.model,
+            method=self.method,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             param_names=self.param_names,
@@ -399,13 +462,16 @@ class FineTuneRecipe:
             "valid_loss": self.progress.valid_loss,
         }
         try:
+            self.techniques.save_state(folder)
             self.ctx.save_checkpoint(self.step, folder, metrics)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     def cleanup(self) -> None:
         """Free the model, optimizer and data, collect garbage and empty the CUDA cache. Idempotent."""
-        for name in ("loaded", "optimizer", "scheduler", "decoder", "lm_head", "trainable", "valid_rows"):
+        if getattr(self, "techniques", None) is not None:
+            self.techniques.remove()
+        for name in ("loaded", "method", "optimizer", "scheduler", "decoder", "lm_head", "trainable", "valid_rows"):
             if hasattr(self, name):
                 setattr(self, name, None)
         gc.collect()
