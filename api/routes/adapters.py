@@ -28,8 +28,8 @@ from core.registry import (
     move_alias,
     new_adapter_row,
 )
-from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.safetensors_header import count_folder_params
+from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.schemas.common import DeletedObject, ListPage
 from core.storage import folder_sha256, get_storage, sha256_file
 

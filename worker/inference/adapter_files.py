@@ -1,4 +1,4 @@
-"""Read a PEFT LoRA adapter folder (safetensors only) and check that it fits a base model's linears."""
+"""Read adapter folders (safetensors only): the shared file checks, and PEFT LoRA checked against the base's linears."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class LoraAdapter:
     @property
     def rank(self) -> int:
         """The largest rank over its modules."""
-        return max(weights.rank for weights in self.modules.values())
+        return max((weights.rank for weights in self.modules.values()), default=0)
 
 
 def read_lora_adapter(
@@ -80,7 +80,7 @@ def read_lora_adapter(
     """
     folder = Path(folder)
     config = _read_config(folder)
-    tensors = _read_tensors(folder)
+    tensors = read_safetensors(folder)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
@@ -97,21 +97,41 @@ def read_lora_adapter(
     return LoraAdapter(path=folder, modules=modules)
 
 
-def _read_config(folder: Path) -> dict:
+def read_config_json(folder: Path, name: str = ADAPTER_CONFIG_FILE) -> dict:
+    """The JSON object in `folder/name` (raises `AdapterLoadError` when missing or malformed)."""
     if not folder.is_dir():
         raise AdapterLoadError(f"adapter folder {folder} does not exist")
-    path = folder / ADAPTER_CONFIG_FILE
+    path = folder / name
     if not path.is_file():
-        raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} is missing from {folder}")
+        raise AdapterLoadError(f"{name} is missing from {folder}")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} is not valid JSON: {exc}") from exc
+        raise AdapterLoadError(f"{name} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
-        raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} must hold a JSON object")
-    peft_type = str(config.get("peft_type", "")).upper()
+        raise AdapterLoadError(f"{name} must hold a JSON object")
+    return config
+
+
+def peft_type_of(config: dict) -> str:
+    """The config's `peft_type`, upper-cased ("" when absent)."""
+    return str(config.get("peft_type") or "").upper()
+
+
+def _read_config(folder: Path) -> dict:
+    config = read_config_json(folder)
+    peft_type = peft_type_of(config)
     if peft_type != "LORA":
         raise AdapterLoadError(f"{peft_type or 'unknown'} adapters are not supported for batched serving (LoRA only)")
+    check_unsupported_lora_fields(config)
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
+            raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} needs a positive {field!r}")
+    return config
+
+
+def check_unsupported_lora_fields(config: dict) -> None:
+    """Refuse LoRA-family options that compute more than W x + s * B A x, or that rewrote the base weights."""
     for field, what in _UNSUPPORTED_FIELDS.items():
         if config.get(field):
             raise AdapterLoadError(f"{what} is not supported for batched serving")
@@ -120,25 +140,29 @@ def _read_config(folder: Path) -> dict:
         raise AdapterLoadError(
             f"init_lora_weights={init!r} changes the base weights; convert the adapter to plain LoRA before serving"
         )
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
-            raise AdapterLoadError(f"{ADAPTER_CONFIG_FILE} needs a positive {field!r}")
-    return config
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / ADAPTER_WEIGHTS_FILE
+def read_safetensors(folder: Path, name: str = ADAPTER_WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    """Every tensor of `folder/name` on the CPU; pickle files are never loaded (their presence is named)."""
+    path = folder / name
     if not path.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise AdapterLoadError(
-                f"only {ADAPTER_WEIGHTS_FILE} is loaded; found {', '.join(pickles)} (pickle files are refused)"
+                f"only {name} is loaded; found {', '.join(pickles)} (pickle files are refused)"
             )
-        raise AdapterLoadError(f"{ADAPTER_WEIGHTS_FILE} is missing from {folder}")
+        raise AdapterLoadError(f"{name} is missing from {folder}")
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterLoadError(f"cannot read {ADAPTER_WEIGHTS_FILE}: {exc}") from exc
+        raise AdapterLoadError(f"cannot read {name}: {exc}") from exc
+
+
+def check_finite(what: str, *tensors: torch.Tensor) -> None:
+    """Raise `AdapterLoadError` when any of the tensors holds NaN or infinity."""
+    for tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterLoadError(f"{what}: weights contain NaN or infinity")
 
 
 def _unexpected_tensor_message(key: str) -> str:
@@ -188,8 +212,7 @@ def _check_module(
         raise AdapterLoadError(f"module {name!r}: tensors have rank {rank} but the config says r={configured_rank:g}")
     if max_rank is not None and rank > max_rank:
         raise AdapterLoadError(f"module {name!r}: rank {rank} is above the server's max LoRA rank {max_rank}")
-    if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
-        raise AdapterLoadError(f"module {name!r}: weights contain NaN or infinity")
+    check_finite(f"module {name!r}", lora_a, lora_b)
     magnitude = parts.get("magnitude")
     if magnitude is not None and (magnitude.shape != (out_features,) or not torch.isfinite(magnitude).all()):
         raise AdapterLoadError(f"module {name!r}: the DoRA magnitude must be {out_features} finite values")

@@ -1,4 +1,4 @@
-"""The adapter manager: which LoRA adapters sit in which slots, with explicit states and LRU eviction.
+"""The adapter manager: which adapters (of any kind) sit in which slots, with explicit states and LRU eviction.
 
 States follow LoRAX: `downloading` while the caller's `fetch()` runs, `loading` while the folder is
 validated and copied into a slot, then `ready`, or `errored` with the message. At most
@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from worker.inference.adapter_files import AdapterLoadError
-from worker.inference.lora_slots import LoraSlotBank
+from worker.inference.adapter_slots import AdapterSlots
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ class AdapterStatus:
     slot: int | None
     pinned: bool
     in_use: int  # in-flight requests holding it
-    rank: int | None
+    rank: int | None  # the LoRA rank; None for kinds without LoRA factors
     path: str | None
     error: str | None
+    kind: str | None = None  # e.g. "lora", "ia3", "prefix_tuning", "lora+sparse"
 
     def as_dict(self) -> dict:
         """JSON-ready form (the state as its string value)."""
@@ -72,6 +73,7 @@ class _Entry:
     path: Path | None = None
     error: str | None = None
     last_used: int = 0
+    kind: str | None = None
 
     def status(self) -> AdapterStatus:
         return AdapterStatus(
@@ -83,6 +85,7 @@ class _Entry:
             rank=self.rank,
             path=str(self.path) if self.path is not None else None,
             error=self.error,
+            kind=self.kind,
         )
 
 
@@ -95,9 +98,9 @@ def _why_busy(entry: _Entry) -> str:
 
 
 class AdapterManager:
-    """Loads adapters into the slots of a `LoraSlotBank` on demand; thread-safe."""
+    """Loads adapters into the slots of an `AdapterSlots` on demand; thread-safe."""
 
-    def __init__(self, bank: LoraSlotBank, max_loaded_adapters: int) -> None:
+    def __init__(self, bank: AdapterSlots, max_loaded_adapters: int) -> None:
         if not 1 <= max_loaded_adapters <= bank.n_slots:
             raise ValueError(f"max_loaded_adapters must be between 1 and the bank's {bank.n_slots} slots")
         self._bank = bank
@@ -149,10 +152,10 @@ class AdapterManager:
         except Exception as exc:
             raise self._fail(entry, f"loading adapter {entry.name!r} failed: {exc}") from exc
         with self._changed:
-            entry.state, entry.rank = AdapterState.READY, adapter.rank
+            entry.state, entry.rank, entry.kind = AdapterState.READY, adapter.rank, adapter.kind
             entry.last_used = next(self._clock)
             self._changed.notify_all()
-            logger.info("adapter %s ready in slot %d (rank %d)", entry.name, entry.slot, adapter.rank)
+            logger.info("adapter %s (%s) ready in slot %d", entry.name, adapter.kind, entry.slot)
             return entry.status()
 
     def _fail(

@@ -1,4 +1,4 @@
-"""The inference engine: one shared base model serving many LoRA adapters with continuous batching."""
+"""The inference engine: one shared base model serving many adapters of any kind with continuous batching."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from worker.inference.adapter_slots import install_adapter_slots
 from worker.inference.adapters import AdapterManager
 from worker.inference.base_model import compute_dtype_for, load_base_model, serving_device
 from worker.inference.generation import (
@@ -17,7 +18,6 @@ from worker.inference.generation import (
     GenerationResult,
     TokenEvent,
 )
-from worker.inference.lora_slots import install_lora_slots
 from worker.inference.scheduler import ActiveSequence, BatchScheduler
 
 __all__ = [
@@ -38,8 +38,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>",)
 class InferenceEngine:
     """Loads a base model once and generates for many adapters at once on a background thread.
 
-    Adapters are loaded into LoRA slots through `engine.adapters` (an `AdapterManager`) and picked
-    per request by name. Use as a context manager, or call `close()` to stop the loop thread.
+    Adapters of any served kind (see `served_adapter`) are loaded into slots through `engine.adapters`
+    (an `AdapterManager`) and picked per request by name. Use as a context manager, or call `close()`
+    to stop the loop thread.
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class InferenceEngine:
         self.dtype = compute_dtype_for(self.device)
         self.model, self.tokenizer = load_base_model(model_dir, quantization, self.device)
         self.quantization = quantization
-        self.slots = install_lora_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype)
+        self.slots = install_adapter_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype, quantization)
         self.adapters = AdapterManager(self.slots, max_loaded_adapters)
         self.eos_token_ids = self._eos_token_ids()
         self._vocab_size = self.model.get_input_embeddings().weight.shape[0]
@@ -90,11 +91,12 @@ class InferenceEngine:
         """Prompt ids of raw text (with the tokenizer's usual special tokens, if it adds any)."""
         return list(self.tokenizer(text)["input_ids"])
 
-    def max_context(self) -> int:
-        """The most tokens (prompt + completion) one sequence may hold."""
-        if self._max_positions is not None:
-            return int(self._max_positions)
-        return int(self.tokenizer.model_max_length)
+    def max_context(self, adapter: str | None = None) -> int:
+        """The most tokens (prompt + completion) one sequence may hold; an adapter's virtual tokens take their share."""
+        positions = self._max_positions if self._max_positions is not None else self.tokenizer.model_max_length
+        status = self.adapters.status(adapter) if adapter is not None else None
+        virtual = self.slots.prompts.count(status.slot) if status is not None and status.slot is not None else 0
+        return int(positions) - virtual
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of generated ids (special tokens skipped; what the token deltas add up to)."""
@@ -108,6 +110,11 @@ class InferenceEngine:
         """
         self._validate(request)
         slot = self.adapters.acquire(request.adapter) if request.adapter is not None else None
+        try:
+            self._check_context(request, self.slots.prompts.count(slot))
+        except ValueError:
+            self._releaser(request.adapter)()
+            raise
         handle = GenerationHandle(request)
         sequence = ActiveSequence(
             request=request,
@@ -164,8 +171,12 @@ class InferenceEngine:
             raise ValueError("temperature must be >= 0")
         if not 0 < request.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        if len(ids) + request.max_new_tokens > self.max_context():
+
+    def _check_context(self, request: GenerationRequest, virtual_tokens: int) -> None:
+        context = self.max_context() - virtual_tokens
+        if len(request.prompt_ids) + request.max_new_tokens > context:
+            adapter = f" (after the adapter's {virtual_tokens} virtual tokens)" if virtual_tokens else ""
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
-                f"context of {self.max_context()} tokens"
+                f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                f"model's context of {context} tokens{adapter}"
             )

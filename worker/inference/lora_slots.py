@@ -10,13 +10,19 @@ How the delta is computed (`LoraSlotBank.strategy`), measured on 2 CPU cores in 
   (exact ranks, cached), and each row masks in its own columns: two dense matmuls per linear.
 - "grouped": rows are grouped by slot, two small matmuls per distinct adapter.
 - "gathered": per-row gathered A/B and `bmm` (Punica's BGMV shape), gathering every step.
+
+The same wrappers apply the other per-linear adapter terms per row, so that those adapters share
+a batch with LoRA rows: IA3 gains (a per-slot vector gathered per row, like the DoRA gain: inputs
+of feedforward modules, outputs of the others) and dense weight deltas (LoHa/LoKr/HRA, sparse
+deltas: x dW^T for the rows of each such slot via index_select/index_add, and a per-row bias delta).
+In one forward: x' = x * g_in; y = base(x') + x' dW^T + db + LoRA(x') (DoRA-scaled); y *= g_out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,8 @@ import torch
 from torch import nn
 
 from worker.inference.adapter_files import AdapterLoadError, LoraAdapter, LoraModuleWeights, read_lora_adapter
+from worker.inference.ia3_files import Ia3Gain
+from worker.inference.sparse_files import DenseDelta
 
 __all__ = [
     "AdapterLoadError",
@@ -61,6 +69,8 @@ class RowRouting:
     row_index: torch.Tensor | None = None  # [rows] slot per row, 0 for none ("gathered")
     row_active: torch.Tensor | None = None  # [rows] 1.0 where the row has a slot ("gathered")
     gain_index: torch.Tensor | None = None  # [rows] DoRA gain row: the slot, or n_slots (gain 1) for none
+    extra_slots: tuple[int, ...] = ()  # routed slots with terms other than LoRA (IA3, deltas, bottleneck)
+    rows_of: dict[int, torch.Tensor | None] | None = None  # rows of each extra slot; None: every row
 
 
 class _RoutingHolder:
@@ -103,6 +113,17 @@ class SlottedLoraLinear(nn.Module):
         self.register_buffer("dora_gain", torch.ones(n_slots + 1, out_features, dtype=dtype, device=device),
                              persistent=False)
         self.slot_has_dora = [False] * n_slots
+        # IA3 gains and bias deltas: row n_slots is the identity, for rows of other slots.
+        self.register_buffer("ia3_in", torch.ones(n_slots + 1, in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("ia3_out", torch.ones(n_slots + 1, out_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("bias_delta", torch.zeros(n_slots + 1, out_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.slot_ia3_in = [False] * n_slots
+        self.slot_ia3_out = [False] * n_slots
+        self.slot_bias_delta = [False] * n_slots
+        self.weight_deltas: dict[int, torch.Tensor] = {}  # slot -> dense dW [out, in]
         self.slot_ranks = [0] * n_slots
         self.slot_scaling = [0.0] * n_slots
         self._packed_key: tuple | None = None
@@ -135,15 +156,68 @@ class SlottedLoraLinear(nn.Module):
         self.slot_scaling[slot] = weights.scaling
         self.slot_ranks[slot] = rank
         if weights.magnitude is not None:
-            self.dora_gain[slot].copy_(dora_gain(dense_weight(self.base_layer), weights))
+            weight = dense_weight(self.base_layer)
+            if slot in self.weight_deltas:  # DoRA normalises the weight as trained, sparse deltas included
+                weight = weight + self.weight_deltas[slot].float()
+            self.dora_gain[slot].copy_(dora_gain(weight, weights))
             self.slot_has_dora[slot] = True
 
+    @torch.no_grad()
+    def write_extras(self, slot: int, ia3: Ia3Gain | None, delta: DenseDelta | None) -> None:
+        """Set (or clear, with None) the slot's IA3 gain and weight delta; before `write_slot` (DoRA uses the delta)."""
+        self.ia3_in[slot].fill_(1.0)
+        self.ia3_out[slot].fill_(1.0)
+        self.bias_delta[slot].zero_()
+        self.slot_ia3_in[slot] = self.slot_ia3_out[slot] = self.slot_bias_delta[slot] = False
+        self.weight_deltas.pop(slot, None)
+        if ia3 is not None:
+            (self.ia3_in if ia3.on_input else self.ia3_out)[slot].copy_(ia3.gain)
+            (self.slot_ia3_in if ia3.on_input else self.slot_ia3_out)[slot] = True
+        if delta is not None and delta.weight is not None:
+            self.weight_deltas[slot] = delta.weight.to(self.lora_A.device, self.lora_A.dtype)
+        if delta is not None and delta.bias is not None:
+            self.bias_delta[slot].copy_(delta.bias)
+            self.slot_bias_delta[slot] = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus, for each row, scaling * B @ A @ x of the row's slot (nothing for rows without one)."""
-        out = self.base_layer(x)
+        """Base output plus each row's own adapter terms (nothing for rows without a slot)."""
         routing = self._routing.current
-        if routing is None or not routing.active_slots:
-            return out
+        if routing is None or not (routing.active_slots or routing.extra_slots):
+            return self.base_layer(x)
+        extra = routing.extra_slots
+        if any(self.slot_ia3_in[slot] for slot in extra):
+            x = x * self._row_vectors(self.ia3_in, routing, x)
+        out = self.base_layer(x)
+        if extra:
+            out = self._add_weight_deltas(out, x, routing)
+        if routing.active_slots:
+            out = self._add_lora(out, x, routing)
+        if any(self.slot_ia3_out[slot] for slot in extra):
+            out = out * self._row_vectors(self.ia3_out, routing, out)
+        return out
+
+    @staticmethod
+    def _row_vectors(table: torch.Tensor, routing: RowRouting, like: torch.Tensor) -> torch.Tensor:
+        """Each row's vector from a per-slot table (row n_slots for rows without a slot), broadcastable to `like`."""
+        rows = table[routing.gain_index].to(like.dtype)
+        return rows.view(rows.shape[0], *([1] * (like.ndim - 2)), rows.shape[-1])
+
+    def _add_weight_deltas(self, out: torch.Tensor, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """x dW^T for the rows of each slot with a dense delta here, then each row's bias delta."""
+        for slot in routing.extra_slots:
+            weight = self.weight_deltas.get(slot)
+            if weight is None:
+                continue
+            rows = routing.rows_of[slot]
+            inputs = x if rows is None else x.index_select(0, rows)
+            delta = nn.functional.linear(inputs.to(weight.dtype), weight).to(out.dtype)
+            out = out + delta if rows is None else out.index_add(0, rows, delta)
+        if any(self.slot_bias_delta[slot] for slot in routing.extra_slots):
+            out = out + self._row_vectors(self.bias_delta, routing, out)
+        return out
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
+        """Each row's scaling * B @ A @ x of its slot, with DoRA's rescaling for DoRA slots."""
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
         strategy = self._routing.strategy
@@ -167,6 +241,8 @@ class SlottedLoraLinear(nn.Module):
         gain = gain.view(gain.shape[0], *([1] * (out.ndim - 2)), gain.shape[-1])
         bias = self.base_layer.bias
         unbiased = out if bias is None else out - bias.to(out.dtype)
+        if any(self.slot_bias_delta[slot] for slot in routing.extra_slots):  # the bias as trained
+            unbiased = unbiased - self._row_vectors(self.bias_delta, routing, out)
         return out + (gain - 1) * unbiased
 
     def _single_slot_delta(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor | None:
@@ -228,6 +304,7 @@ class LoraSlotBank:
         self._routing = routing
         self._slot_rank = [0] * n_slots
         self._versions = [0] * n_slots
+        self._has_extras = [False] * n_slots
         self._layout: PackedLayout | None = None
         self._write_lock = threading.Lock()
         first = next(iter(layers.values()))
@@ -245,6 +322,11 @@ class LoraSlotBank:
             raise ValueError(f"unknown LoRA strategy {value!r}; choose one of {STRATEGIES}")
         self._routing.strategy = value
 
+    @property
+    def current_routing(self) -> RowRouting | None:
+        """The routing of the forward pass running on this thread (None outside `route`)."""
+        return self._routing.current
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of every slotted module, by its name in the model."""
         return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
@@ -255,13 +337,28 @@ class LoraSlotBank:
 
     def write_slot(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy a validated adapter into `slot`; the slot must not be routed to while this runs."""
+        self.write_linear_terms(slot, adapter.modules)
+
+    def write_linear_terms(
+        self,
+        slot: int,
+        lora: Mapping[str, LoraModuleWeights],
+        ia3: Mapping[str, Ia3Gain] | None = None,
+        deltas: Mapping[str, DenseDelta] | None = None,
+        block_terms: bool = False,
+    ) -> None:
+        """Set every per-linear term of `slot` (modules not named get none); `block_terms`: the slot has
+        terms outside the linears (bottleneck blocks), so that routing lists its rows."""
         self._check_slot(slot)
+        ia3, deltas = ia3 or {}, deltas or {}
         with self._write_lock:
             self._slot_rank[slot] = 0
             for name, layer in self.layers.items():
-                layer.write_slot(slot, adapter.modules.get(name))
+                layer.write_extras(slot, ia3.get(name), deltas.get(name))
+                layer.write_slot(slot, lora.get(name))
             self._versions[slot] += 1
-            self._slot_rank[slot] = adapter.rank
+            self._slot_rank[slot] = max((w.rank for w in lora.values()), default=0)
+            self._has_extras[slot] = bool(ia3 or deltas or block_terms)
 
     def load_slot(self, slot: int, folder: Path | str) -> LoraAdapter:
         """Read, validate and copy the adapter in `folder` into `slot`."""
@@ -275,8 +372,10 @@ class LoraSlotBank:
         with self._write_lock:
             self._slot_rank[slot] = 0
             for layer in self.layers.values():
+                layer.write_extras(slot, None, None)
                 layer.write_slot(slot, None)
             self._versions[slot] += 1
+            self._has_extras[slot] = False
 
     def slot_rank(self, slot: int) -> int:
         """The rank of the adapter in `slot` (0 when empty)."""
@@ -299,7 +398,12 @@ class LoraSlotBank:
     def _build_routing(self, row_slots: tuple[int | None, ...]) -> RowRouting:
         routing = self._route_rows(row_slots)
         gain_index = torch.tensor([self.n_slots if s is None else s for s in row_slots], device=self.device)
-        return dataclasses.replace(routing, gain_index=gain_index)
+        extra = tuple(sorted({s for s in row_slots if s is not None and self._has_extras[s]}))
+        rows_of = {}
+        for slot in extra:
+            rows = [i for i, s in enumerate(row_slots) if s == slot]
+            rows_of[slot] = None if len(rows) == len(row_slots) else torch.tensor(rows, device=self.device)
+        return dataclasses.replace(routing, gain_index=gain_index, extra_slots=extra, rows_of=rows_of)
 
     def _route_rows(self, row_slots: tuple[int | None, ...]) -> RowRouting:
         for slot in row_slots:

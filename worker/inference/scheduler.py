@@ -3,8 +3,13 @@
 Each iteration drops cancelled requests, admits waiting ones up to `max_batch_size` (they are
 prefilled together, whatever their adapters, and their first token sampled; then they join the
 running batch), and runs ONE decode forward for every running sequence, whatever its adapter, with
-a per-row LoRA slot. A request that arrives while others run joins at the next iteration; it never
+a per-row adapter slot. A request that arrives while others run joins at the next iteration; it never
 waits for the batch to finish.
+
+Prompt-learning adapters only change the prefill: virtual tokens are prepended to the row's prompt
+embeddings (such rows prefill with any others), and prefix-tuning rows are prefilled per adapter on
+a cache that starts with the prefix keys/values (prompt positions then start after the prefix, as in
+peft). Either way the sequence's context length counts those positions, so decoding needs nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from worker.inference.adapter_slots import AdapterSlots
 from worker.inference.generation import ErrorEvent, FinishEvent, GenerationHandle, GenerationRequest, TokenEvent
 from worker.inference.kv_batch import PaddedKVBatch
-from worker.inference.lora_slots import LoraSlotBank
 from worker.inference.sampling import choose_token, make_generator, token_logprob
 from worker.inference.text_stream import TextStream
 
@@ -34,7 +39,7 @@ class ActiveSequence:
 
     request: GenerationRequest
     handle: GenerationHandle
-    slot: int | None  # the adapter's LoRA slot, None for the base
+    slot: int | None  # the adapter's slot, None for the base
     text: TextStream
     on_finish: Callable[[], None]  # releases the adapter hold
     generator: torch.Generator = field(init=False)
@@ -58,7 +63,7 @@ class BatchScheduler:
     def __init__(
         self,
         model: nn.Module,
-        bank: LoraSlotBank,
+        bank: AdapterSlots,
         decode: Callable[[list[int]], str],
         eos_token_ids: set[int],
         max_batch_size: int,
@@ -198,34 +203,66 @@ class BatchScheduler:
                 self._count("joined_running_batch", len(rows))
 
     def _prefill_groups(self, sequences: list[ActiveSequence]) -> list[list[ActiveSequence]]:
-        """Split by length so that each padded prefill stays within `max_prefill_tokens`."""
+        """Prefix-tuning rows per adapter, all others together; split so that each padded prefill stays
+        within `max_prefill_tokens`."""
+        prompts = self._bank.prompts
+        by_prefix: dict[int | None, list[ActiveSequence]] = {}
+        for sequence in sequences:
+            key = sequence.slot if prompts.prefix(sequence.slot) is not None else None
+            by_prefix.setdefault(key, []).append(sequence)
         groups: list[list[ActiveSequence]] = []
-        for sequence in sorted(sequences, key=lambda s: len(s.request.prompt_ids)):
-            width = len(sequence.request.prompt_ids)  # the longest so far, as they are sorted
-            if groups and (len(groups[-1]) + 1) * width <= self.max_prefill_tokens:
-                groups[-1].append(sequence)
-            else:
-                groups.append([sequence])
+        for members in by_prefix.values():
+            start = len(groups)
+            for sequence in sorted(members, key=self._fed_length):
+                width = self._fed_length(sequence)  # the longest so far, as they are sorted
+                if len(groups) > start and (len(groups[-1]) + 1) * width <= self.max_prefill_tokens:
+                    groups[-1].append(sequence)
+                else:
+                    groups.append([sequence])
         return groups
+
+    def _fed_length(self, sequence: ActiveSequence) -> int:
+        """Positions the prefill forward computes for the sequence: virtual tokens (if any) + prompt."""
+        virtual = self._bank.prompts.virtual_tokens(sequence.slot)
+        return len(sequence.request.prompt_ids) + (0 if virtual is None else virtual.shape[0])
 
     def _prefill(self, group: list[ActiveSequence]) -> tuple[DynamicCache, list[int]]:
         """One right-padded forward over the prompts; sample each first token. Returns (cache, lengths)."""
-        prompts = [s.request.prompt_ids for s in group]
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        input_ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=self._device)
+        prompts = self._bank.prompts
+        fed = [self._fed_length(s) for s in group]
         cache = self._kv.new_prefill_cache()
+        prefix_length = prompts.count(group[0].slot) if prompts.prefix(group[0].slot) is not None else 0
+        if prefix_length:  # a prefix group: every row has the same prefix adapter
+            prompts.seed_cache(cache, group[0].slot, len(group))
         with self._bank.route([s.slot for s in group]):
-            hidden = self._decoder(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
-        last = hidden[torch.arange(len(group), device=hidden.device), torch.tensor(lengths, device=hidden.device) - 1]
+            hidden = self._decoder(**self._prefill_inputs(group, max(fed)), cache=cache, use_cache=True)
+        hidden = hidden.last_hidden_state
+        last = hidden[torch.arange(len(group), device=hidden.device), torch.tensor(fed, device=hidden.device) - 1]
         logits = self._lm_head(last).float().cpu()
         with self._stats_lock:
             self._stats["prefills"] += len(group)
             self._stats["max_prefill_batch"] = max(self._stats["max_prefill_batch"], len(group))
+        lengths = [prefix_length + n for n in fed]
         for sequence, length, row in zip(group, lengths, logits):
             sequence.context_len = length
             self._accept(sequence, row)
         return cache, lengths
+
+    def _prefill_inputs(self, group: list[ActiveSequence], width: int) -> dict[str, torch.Tensor]:
+        """Right-padded `input_ids`, or `inputs_embeds` with each row's virtual tokens before its prompt."""
+        prompts = [s.request.prompt_ids for s in group]
+        virtual = [self._bank.prompts.virtual_tokens(s.slot) for s in group]
+        if all(v is None for v in virtual):
+            ids = [p + [0] * (width - len(p)) for p in prompts]
+            return {"input_ids": torch.tensor(ids, dtype=torch.long, device=self._device)}
+        embed = self._model.get_input_embeddings()
+        rows = []
+        for prompt, tokens in zip(prompts, virtual):
+            row = embed(torch.tensor(prompt, dtype=torch.long, device=self._device))
+            if tokens is not None:
+                row = torch.cat([tokens.to(row.dtype), row])
+            rows.append(torch.nn.functional.pad(row, (0, 0, 0, width - row.shape[0])))
+        return {"inputs_embeds": torch.stack(rows)}
 
     def _decode_step(self) -> None:
         rows = self._running

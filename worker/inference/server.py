@@ -128,7 +128,7 @@ def create_inference_app() -> FastAPI:
         from worker.inference.engine import GenerationRequest
 
         engine = service().engine
-        context = engine.max_context()
+        context = engine.max_context(adapter)
         if not prompt_ids:
             raise invalid("The prompt is empty.", "messages" if chat else "prompt")
         if len(prompt_ids) + limit > context:

@@ -68,16 +68,16 @@ def bad_lora_dirs(tiny_model_dir: Path, lora_dirs: dict[str, Path], tmp_path_fac
     dora = save_peft_lora(tiny_model_dir, root / "dora", r=8, targets=["q_proj", "v_proj"], seed=6, use_dora=True)
     dora_tensors = load_file(dora / "adapter_model.safetensors")
     save_file({k: v for k, v in dora_tensors.items() if "magnitude" not in k}, dora / "adapter_model.safetensors")
-    ia3 = root / "ia3"
-    ia3.mkdir()
-    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    vera = root / "vera"
+    vera.mkdir()
+    (vera / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA"}))
     return {
         "wrong-shapes": (wrong_shapes, "do not fit"),
         "unknown-module": (unknown_module, "unknown target module"),
         "rank-over-max": (too_big, "above the server's max LoRA rank"),
         "bin-only": (bin_only, "pickle files are refused"),
         "dora": (dora, "lacks lora_magnitude"),
-        "ia3": (ia3, "not supported for batched serving"),
+        "unknown-type": (vera, "peft_type 'VERA' is not supported"),
     }
 
 
@@ -157,3 +157,35 @@ def fp32_engine(tiny_model_dir: Path, lora_dirs: dict[str, Path]):
         for name in ("A", "B", "C"):
             engine.adapters.ensure(name, lambda name=name: lora_dirs[name])
         yield engine
+
+
+def check_against_references(engine, references: dict, jobs: list, new_tokens: int) -> list[list[int]]:
+    """For (adapter, prompt) jobs: the engine's greedy tokens alone and all batched together equal the reference
+    model's `generate` (references[adapter]; None: the base), and its sampled log-probabilities in the mixed batch
+    equal one full reference forward. Returns the greedy tokens."""
+    from tests.support.peft_artifacts import greedy_tokens, token_logprobs
+    from worker.inference.engine import GenerationRequest
+
+    expected = [greedy_tokens(references[a], p, new_tokens, engine.eos_token_ids) for a, p in jobs]
+    alone = [engine.generate(GenerationRequest(p, a, new_tokens, temperature=0.0)).token_ids for a, p in jobs]
+    assert alone == expected
+    handles = [engine.submit(GenerationRequest(p, a, new_tokens, temperature=0.0)) for a, p in jobs]
+    assert [h.result().token_ids for h in handles] == expected
+    sampled = [engine.submit(GenerationRequest(p, a, 6, temperature=1.0, seed=i, logprobs=True))
+               for i, (a, p) in enumerate(jobs)]
+    for (adapter, prompt), handle in zip(jobs, sampled):
+        result = handle.result()
+        reference = token_logprobs(references[adapter], prompt, result.token_ids)
+        assert result.logprobs == pytest.approx(reference, abs=2e-4), f"adapter {adapter}"
+    return expected
+
+
+def assert_changes_logits(adapted, base, prompt: list[int], at_least: float = 0.1) -> None:
+    """The adapted reference model's logits really differ from the base's (so parity checks mean something)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        adapted_logits = adapted(input_ids=ids).logits[0, -len(prompt):]
+        base_logits = base(input_ids=ids).logits[0]
+    assert (adapted_logits - base_logits).abs().max() > at_least

@@ -132,7 +132,7 @@ def test_pinned_and_in_use_adapters_are_never_evicted(capped_engine, lora_dirs, 
 
 
 @pytest.mark.parametrize(
-    "kind", ["wrong-shapes", "unknown-module", "rank-over-max", "bin-only", "dora", "ia3"]
+    "kind", ["wrong-shapes", "unknown-module", "rank-over-max", "bin-only", "dora", "unknown-type"]
 )
 def test_bad_adapters_end_errored_with_a_clear_message(capped_engine, bad_lora_dirs, kind):
     folder, message = bad_lora_dirs[kind]
