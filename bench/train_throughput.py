@@ -33,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.quiet_context import QuietContext  # noqa: E402
+
 CACHE_DIR = Path(os.environ.get("PATCHBAY_BENCH_CACHE", Path.home() / ".cache" / "patchbay-bench"))
 MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -143,26 +145,6 @@ def peak_rss_mb() -> float:
 # ---- the two methods, each run in its own process ---------------------------------------------
 
 
-class _QuietContext:
-    def __init__(self):
-        self.rows = []
-
-    def event(self, message, *, level="info", data=None):
-        pass
-
-    def metrics(self, data):
-        self.rows.append(dict(data))
-
-    def should_stop(self):
-        return False
-
-    def latest_checkpoint(self):
-        return None
-
-    def save_checkpoint(self, step, folder, metrics):
-        pass
-
-
 def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
     from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
     from worker.training.recipe import FineTuneRecipe, TrainingJob
@@ -192,7 +174,7 @@ def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
         n_examples=len(examples),
         seed=SEED,
     )
-    ctx = _QuietContext()
+    ctx = QuietContext()
     with tempfile.TemporaryDirectory() as work:
         job = TrainingJob("bench", str(MODEL_DIR), examples, None, config, Path(work))
         recipe = TimedRecipe(job, ctx)
