@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.quiet_context import QuietContext  # noqa: E402
+from bench.recipe_tools import QuietContext, timed_recipe  # noqa: E402
 
 CACHE_DIR = Path(os.environ.get("PATCHBAY_BENCH_CACHE", Path.home() / ".cache" / "patchbay-bench"))
 MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
@@ -126,22 +126,7 @@ def run_row(spec: dict, steps: int) -> dict:
     from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
     from demo.dataset import DATA_DIR
     from worker.training.artifacts import load_trained_model
-    from worker.training.recipe import FineTuneRecipe, TrainingJob
-
-    class TimedRecipe(FineTuneRecipe):
-        """The recipe, timing each optimizer step (row building, forward, backward, update)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.step_seconds: list[float] = []
-            self.step_losses: list[float] = []
-
-        def _train_step(self):
-            started = time.perf_counter()
-            loss, tokens = super()._train_step()
-            self.step_seconds.append(time.perf_counter() - started)
-            self.step_losses.append(loss)
-            return loss, tokens
+    from worker.training.recipe import TrainingJob
 
     training, validation = demo_examples()
     learning_rate = LEARNING_RATES[spec["method"]]
@@ -152,7 +137,7 @@ def run_row(spec: dict, steps: int) -> dict:
     ctx = QuietContext()
     with tempfile.TemporaryDirectory() as work:
         job = TrainingJob("bench", str(MODEL_DIR), training, validation, config, Path(work))
-        recipe = TimedRecipe(job, ctx)
+        recipe = timed_recipe(job, ctx)
         try:
             recipe.setup()
             result = recipe.train()

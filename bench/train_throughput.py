@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.quiet_context import QuietContext  # noqa: E402
+from bench.recipe_tools import QuietContext, timed_recipe  # noqa: E402
 
 CACHE_DIR = Path(os.environ.get("PATCHBAY_BENCH_CACHE", Path.home() / ".cache" / "patchbay-bench"))
 MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
@@ -147,22 +147,7 @@ def peak_rss_mb() -> float:
 
 def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
     from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
-    from worker.training.recipe import FineTuneRecipe, TrainingJob
-
-    class TimedRecipe(FineTuneRecipe):
-        """The recipe, timing each optimizer step (row building, forward, backward, update)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.step_seconds: list[float] = []
-            self.step_tokens: list[int] = []
-
-        def _train_step(self):
-            started = time.perf_counter()
-            loss, tokens = super()._train_step()
-            self.step_seconds.append(time.perf_counter() - started)
-            self.step_tokens.append(tokens)
-            return loss, tokens
+    from worker.training.recipe import TrainingJob
 
     examples = synthetic_chats(N_TRAIN, SEED)  # the recipe shuffles them itself, with the same seed
     config = resolve_training(
@@ -177,7 +162,7 @@ def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
     ctx = QuietContext()
     with tempfile.TemporaryDirectory() as work:
         job = TrainingJob("bench", str(MODEL_DIR), examples, None, config, Path(work))
-        recipe = TimedRecipe(job, ctx)
+        recipe = timed_recipe(job, ctx)
         recipe.setup()
         base_loss = heldout_losses(recipe.loaded.model, recipe.loaded.tokenizer, heldout) if evaluate_base else None
         started = time.perf_counter()

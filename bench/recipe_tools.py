@@ -1,0 +1,53 @@
+"""What the benchmarks need around Patchbay's training recipe: a quiet job context and a timed recipe."""
+
+from __future__ import annotations
+
+import time
+
+
+class QuietContext:
+    """The recipe's `JobContext` without a database or storage: keeps the metrics rows, drops the rest."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def event(self, message, *, level="info", data=None):
+        """Events are dropped."""
+
+    def metrics(self, data):
+        """Keep each metrics row."""
+        self.rows.append(dict(data))
+
+    def should_stop(self):
+        """A benchmark run is never stopped."""
+        return False
+
+    def latest_checkpoint(self):
+        """Never resumes."""
+        return None
+
+    def save_checkpoint(self, step, folder, metrics):
+        """Checkpoints are dropped."""
+
+
+def timed_recipe(job, ctx):
+    """The recipe for `job`, recording each optimizer step's seconds (row building, forward, backward,
+    update), real tokens and loss in `step_seconds`, `step_tokens` and `step_losses`."""
+    from worker.training.recipe import FineTuneRecipe
+
+    class TimedRecipe(FineTuneRecipe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.step_seconds: list[float] = []
+            self.step_tokens: list[int] = []
+            self.step_losses: list[float] = []
+
+        def _train_step(self):
+            started = time.perf_counter()
+            loss, tokens = super()._train_step()
+            self.step_seconds.append(time.perf_counter() - started)
+            self.step_tokens.append(tokens)
+            self.step_losses.append(loss)
+            return loss, tokens
+
+    return TimedRecipe(job, ctx)
