@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
+from fastapi import Query
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
@@ -11,6 +12,8 @@ from core.errors import invalid
 
 T = TypeVar("T")
 MAX_LIMIT = 100
+After = Annotated[str | None, Query(max_length=64, description="the id of the last item of the previous page")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
 
 
 def check_limit(limit: int) -> int:

@@ -10,6 +10,9 @@ from sqlalchemy.orm import Session
 from core.ids import new_id, now
 from core.models import Adapter, AdapterAlias, AdapterAliasEvent, BaseModelRecord
 
+MAX_VERSION = 2**31 - 1
+"""Versions are a 32-bit column; larger numbers name nothing."""
+
 
 class ResolutionError(LookupError):
     """A model name that names nothing this team may use."""
@@ -80,7 +83,7 @@ def find_team_adapter(session: Session, team_id: str, ref: str) -> Adapter | Non
         return row
     if "@" in ref:
         name, _, version = ref.rpartition("@")
-        if version.isdigit():
+        if version.isascii() and version.isdigit() and int(version) <= MAX_VERSION:
             return session.scalar(live.where(Adapter.name == name, Adapter.version == int(version)))
         return None
     if ":" in ref:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.models import Adapter, AdapterAliasEvent
+from core.schemas.bounds import ObjectId
 
 
 class AdapterPublic(BaseModel):
@@ -56,8 +57,8 @@ class AliasMove(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     alias: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    version: int | None = Field(None, ge=1)
-    adapter_id: str | None = None
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
+    adapter_id: ObjectId | None = None
 
 
 class AliasEventPublic(BaseModel):

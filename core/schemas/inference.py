@@ -7,13 +7,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.models import Adapter
+from core.schemas.bounds import INT64_MAX
 
 MAX_NEW_TOKENS = 4096
+MAX_MESSAGES = 1024
+MAX_STOP_CHARS = 256
 
 
 class TextPart(BaseModel):
     """One text part of a multi-part message."""
 
+    model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
 
@@ -24,7 +28,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
         """The message's content as plain text."""
@@ -34,18 +38,18 @@ class ChatMessage(BaseModel):
 class SamplingFields(BaseModel):
     """Sampling parameters shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
 
@@ -53,8 +57,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > 4 or any(not s for s in items):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(items) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop takes at most 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
         return value
 
     @model_validator(mode="after")
@@ -75,7 +79,7 @@ class SamplingFields(BaseModel):
 class ChatCompletionCreate(SamplingFields):
     """The body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)
@@ -127,12 +131,12 @@ class LoadLoraAdapter(BaseModel):
     """vLLM's `POST /v1/load_lora_adapter`; `lora_path` is a registry reference (or omitted)."""
 
     model_config = ConfigDict(extra="ignore")
-    lora_name: str = Field(min_length=1)
-    lora_path: str | None = None
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str | None = Field(None, max_length=512)
 
 
 class UnloadLoraAdapter(BaseModel):
     """vLLM's `POST /v1/unload_lora_adapter`."""
 
     model_config = ConfigDict(extra="ignore")
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, max_length=256)

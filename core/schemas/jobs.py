@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from core.models import Checkpoint, Job, JobEvent
+from core.schemas.bounds import ObjectId
 from core.schemas.peft_methods import RANKED_METHODS
 from core.schemas.training import Hyperparameters, PeftConfigSpec
+
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_INTEGRATIONS = 8
+MAX_INTEGRATIONS_BYTES = 8192
+_BAD_KEY_CHARACTERS = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def valid_metadata_key(key: str) -> bool:
+    """Keys are 1-64 characters without quotes, backslashes or control characters (they become JSON paths)."""
+    return 0 < len(key) <= MAX_METADATA_KEY and not _BAD_KEY_CHARACTERS.search(key)
 
 
 class SupervisedMethod(BaseModel):
     """`method.supervised`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
 class MethodSpec(BaseModel):
     """`method`: only supervised fine-tuning for now."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["supervised"]
     supervised: SupervisedMethod | None = None
 
@@ -29,29 +44,39 @@ class MethodSpec(BaseModel):
 class JobCreate(BaseModel):
     """The body of `POST /v1/fine_tuning/jobs`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=128)
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
+    training_file: ObjectId
+    validation_file: ObjectId | None = None
     hyperparameters: Hyperparameters | None = None
     method: MethodSpec | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
-    integrations: list[Any] | None = None
+    metadata: dict[str, Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]] | None = Field(
+        None, max_length=MAX_METADATA_PAIRS,
+        description=f"at most {MAX_METADATA_PAIRS} pairs; keys 1-{MAX_METADATA_KEY} characters without quotes, "
+                    f"backslashes or control characters; values at most {MAX_METADATA_VALUE} characters")
+    integrations: list[dict[str, Any]] | None = Field(
+        None, max_length=MAX_INTEGRATIONS,
+        description=f"accepted for compatibility and stored; at most {MAX_INTEGRATIONS} entries, "
+                    f"{MAX_INTEGRATIONS_BYTES} bytes of JSON in all")
     peft: PeftConfigSpec = Field(default_factory=PeftConfigSpec)
 
     @field_validator("metadata")
     @classmethod
-    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return value
-        if len(value) > 16:
-            raise ValueError("metadata holds at most 16 pairs")
-        for key, item in value.items():
-            if len(key) > 64 or len(item) > 512:
-                raise ValueError("metadata keys are at most 64 characters and values at most 512")
+    def _metadata_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key in value or {}:
+            if not valid_metadata_key(key):
+                raise ValueError(f"metadata key {key[:80]!r} must be 1-{MAX_METADATA_KEY} characters without "
+                                 "quotes, backslashes or control characters")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations_size(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is not None and len(json.dumps(value)) > MAX_INTEGRATIONS_BYTES:
+            raise ValueError(f"integrations take at most {MAX_INTEGRATIONS_BYTES} bytes of JSON")
         return value
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.schemas.bounds import MAX_STEPS, ModuleList
+
 PeftMethod = Literal[
     "qlora", "lora", "dora", "adalora", "loha", "lokr", "hra",
     "ia3", "prefix_tuning", "prompt_tuning", "p_tuning", "bottleneck_adapter",
@@ -25,26 +27,28 @@ RANKED_METHODS = LORA_FAMILY + WEIGHT_DELTA_METHODS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AdaLoraSpec(_Strict):
     """AdaLoRA's budget schedule (method `adalora`); `peft.r` is the final average rank it prunes to."""
 
     init_r: int | None = Field(None, ge=1, le=256, description="starting rank per module; defaults to 1.5*r")
-    tinit: int | None = Field(None, ge=0, description="warm-up steps before pruning; defaults to 10% of steps")
-    tfinal: int | None = Field(None, ge=0, description="final fine-tuning steps at the target budget; defaults to 20%")
-    delta_t: int = Field(1, ge=1, description="steps between two budget allocations")
+    tinit: int | None = Field(None, ge=0, le=MAX_STEPS,
+                              description="warm-up steps before pruning; defaults to 10% of steps")
+    tfinal: int | None = Field(None, ge=0, le=MAX_STEPS,
+                               description="final fine-tuning steps at the target budget; defaults to 20%")
+    delta_t: int = Field(1, ge=1, le=MAX_STEPS, description="steps between two budget allocations")
     beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity")
     beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the uncertainty")
-    orth_reg_weight: float = Field(0.5, ge=0, description="weight of the orthogonality regularizer of P and Q")
+    orth_reg_weight: float = Field(0.5, ge=0, le=1000, description="weight of the orthogonality regularizer of P and Q")
 
 
 class Ia3Spec(_Strict):
     """IA3's rescaled activations (method `ia3`); both lists default to peft's choice for the architecture."""
 
-    target_modules: list[str] | None = Field(None, min_length=1, description="modules whose activations are scaled")
-    feedforward_modules: list[str] | None = Field(
+    target_modules: ModuleList | None = Field(None, min_length=1, description="modules whose activations are scaled")
+    feedforward_modules: ModuleList | None = Field(
         None, description="the subset of target_modules whose input (not output) is scaled"
     )
 
@@ -84,7 +88,7 @@ class SparseSpec(_Strict):
     """
 
     kind: Literal["bitfit", "modules", "top_k"]
-    modules: list[str] | None = Field(
+    modules: ModuleList | None = Field(
         None, min_length=1, description="module or layer names or suffixes, e.g. 'layers.3' or 'mlp.down_proj'"
     )
     density: float = Field(0.01, gt=0, le=1, description="top_k only: the share of candidate entries that train")

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.schemas.bounds import ModuleList, StepCount
 from core.schemas.common import FieldProblems
 from core.schemas.peft_methods import (
     PROMPT_LEARNING,
@@ -42,7 +43,7 @@ METHOD_BASE_LEARNING_RATES = {
 class Hyperparameters(BaseModel):
     """OpenAI's hyperparameters; each may be `"auto"` until the job resolves it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_epochs: int | Auto = Field("auto", description="passes over the training file")
     batch_size: int | Auto = Field("auto", description="examples per optimizer step")
@@ -64,13 +65,13 @@ class Hyperparameters(BaseModel):
 class PeftConfigSpec(BaseModel):
     """Patchbay's extension object `peft`: the method, its parameters, the techniques and the recipe knobs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: PeftMethod = "qlora"
     r: int = Field(16, ge=1, le=256, description="rank (lora, qlora, dora, loha, lokr, hra; adalora's target)")
-    alpha: float | None = Field(None, gt=0, description="defaults to 2*r")
+    alpha: float | None = Field(None, gt=0, le=100_000, description="defaults to 2*r")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: ModuleList | Literal["all-linear"] = "all-linear"
     quantization: Quantization | None = Field(
         None, description="defaults to nf4-dq for qlora and none otherwise"
     )
@@ -89,9 +90,9 @@ class PeftConfigSpec(BaseModel):
     lr_scheduler: LrScheduler = "linear"
     warmup_ratio: float = Field(0.03, ge=0, le=0.5)
     weight_decay: float = Field(0.0, ge=0, le=1)
-    eval_every_steps: int | None = Field(None, ge=1)
-    checkpoint_every_steps: int = Field(50, ge=1)
-    max_steps: int | None = Field(None, ge=1)
+    eval_every_steps: StepCount | None = None
+    checkpoint_every_steps: StepCount = 50
+    max_steps: StepCount | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "PeftConfigSpec":

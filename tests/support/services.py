@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,9 +49,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A fresh Postgres database for one test module, dropped afterwards."""
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty Postgres database, dropped afterwards."""
     import sqlalchemy as sa
 
     name = f"patchbay_test_{secrets.token_hex(4)}"
@@ -60,10 +61,26 @@ def postgres_url() -> Iterator[str]:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         _unavailable("Postgres", exc)
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh Postgres database for one test module, dropped afterwards."""
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """A fresh Postgres database for one test, dropped afterwards."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +226,49 @@ def all_events(client: httpx.Client, job_id: str) -> list[dict]:
         if not page["has_more"]:
             return list(reversed(events))
         after = page["data"][-1]["id"]
+
+
+def embedded_urls(tmp_path: Path) -> tuple[str, str]:
+    """The database and broker URLs `patchbay serve` uses by default (SQLite both), under `tmp_path`."""
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data / 'patchbay.sqlite'}", f"sqla+sqlite:///{data / 'broker.sqlite'}"
+
+
+@dataclass
+class LatencyProbe:
+    """Polls a URL in a background thread and keeps the slowest answer (or failure) it saw."""
+
+    url: str
+    interval: float = 0.1
+    worst: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    status = client.get(self.url).status_code
+                    if status != 200:
+                        self.failures.append(f"status {status}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                self.worst = max(self.worst, time.monotonic() - started)
+                self.samples += 1
+                self._stop.wait(self.interval)
+
+    def __enter__(self) -> "LatencyProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(15)
