@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from core.errors import ApiError, error_response
+from core.errors import error_response, unavailable
 from core.schemas.inference import AdapterRef
 from core.settings import get_settings
 
@@ -39,8 +39,20 @@ def adapter_headers(adapter: AdapterRef | None) -> dict[str, str]:
     return {ADAPTER_HEADER: adapter.model_dump_json()} if adapter else {}
 
 
-async def forward(path: str, body: dict, headers: dict[str, str], stream: bool) -> Response:
-    """POST `body` to the first replica that answers; stream the answer back as it comes."""
+UsageHook = Callable[[int], Awaitable[None]]
+"""Told how many tokens a forwarded request generated (the tokens-per-minute limit)."""
+
+
+async def forward(path: str, body: dict, headers: dict[str, str], stream: bool,
+                  on_usage: UsageHook | None = None) -> Response:
+    """POST `body` to the first replica that answers; stream the answer back as it comes.
+
+    With `on_usage`, the generated token count is reported once the answer is complete; a stream then
+    asks the replica for its usage chunk, and drops it again unless the client asked for it too.
+    """
+    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if stream and on_usage is not None:
+        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
     last_error: Exception | None = None
     for base_url in replica_order():
         request = _http().build_request("POST", f"{base_url}{path}", json=body, headers=headers)
@@ -51,16 +63,31 @@ async def forward(path: str, body: dict, headers: dict[str, str], stream: bool) 
             log.warning("inference replica %s unreachable: %s", base_url, exc)
             continue
         if stream and upstream.status_code == 200:
-            return StreamingResponse(_relay(upstream), status_code=200, media_type="text/event-stream",
+            return StreamingResponse(_relay(upstream, on_usage, client_wants_usage), status_code=200,
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        content = await upstream.aread()
-        await upstream.aclose()
         try:
-            return JSONResponse(json.loads(content), status_code=upstream.status_code)
-        except json.JSONDecodeError:
+            content = await upstream.aread()
+        except httpx.TransportError as exc:
+            last_error = exc
+            continue
+        finally:
+            await upstream.aclose()
+        try:
+            answer = json.loads(content)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return error_response(502, "The inference server gave an unreadable answer.", None, "bad_gateway")
+        if on_usage is not None and upstream.status_code == 200:
+            await on_usage(_completion_tokens(answer))
+        return JSONResponse(answer, status_code=upstream.status_code)
     reason = last_error.__class__.__name__ if last_error else "none configured"
-    raise ApiError(503, f"No inference server is reachable ({reason}).", code="inference_unavailable")
+    raise unavailable(f"No inference server is reachable ({reason})", "inference_unavailable", retry_after=5)
+
+
+def _completion_tokens(answer) -> int:
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and tokens > 0 else 0
 
 
 async def broadcast(path: str, body: dict) -> list[dict]:
@@ -75,9 +102,38 @@ async def broadcast(path: str, body: dict) -> list[dict]:
     return answers
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx.Response, on_usage: UsageHook | None,
+                 client_wants_usage: bool) -> AsyncIterator[bytes]:
+    """Pass SSE events through; note the usage chunk's token count, keeping it only if the client asked."""
+    pending, tokens = b"", 0
     try:
         async for chunk in upstream.aiter_raw():
-            yield chunk
+            if on_usage is None:
+                yield chunk
+                continue
+            pending += chunk
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                usage_tokens = _usage_event_tokens(event)
+                tokens += usage_tokens or 0
+                if usage_tokens is None or client_wants_usage:
+                    yield event + b"\n\n"
+        if pending:
+            yield pending
     finally:
         await upstream.aclose()
+        if on_usage is not None and tokens:
+            await on_usage(tokens)
+
+
+def _usage_event_tokens(event: bytes) -> int | None:
+    """The completion tokens of a usage-only SSE chunk, or None for any other event."""
+    if b'"usage"' not in event or not event.startswith(b"data: {"):
+        return None
+    try:
+        payload = json.loads(event[6:])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(payload, dict) or payload.get("choices") or not isinstance(payload.get("usage"), dict):
+        return None
+    return _completion_tokens(payload)

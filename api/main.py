@@ -8,27 +8,48 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.dispatch import DispatchLoop
-from api.routes import adapters, files, health, inference, jobs, models
+from api.edge import AsgiEdge
+from api.openapi import install_openapi
+from api.ratelimit import RateLimits
+from api.routes import adapters, admin, files, health, inference, jobs, models
 from core.errors import install_error_handlers
-from core.settings import get_settings
+from core.periodic import Periodic
+from core.settings import Settings, get_settings
+from core.storage import get_storage
+from core.temporaries import sweep
+
+
+class PatchbayApi(FastAPI):
+    """FastAPI wrapped in our ASGI edge (request ids, bounded bodies, sane connections)."""
+
+    def __init__(self, settings: Settings, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+
+    def build_middleware_stack(self):
+        return AsgiEdge(super().build_middleware_stack(), self.settings)
 
 
 def create_app() -> FastAPI:
-    """Build the API: routes, the error edge, and the dispatcher in the background."""
+    """Build the API: routes, the error edge, the dispatcher and the orphan sweep in the background."""
     settings = get_settings()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        loop = DispatchLoop(settings) if settings.run_dispatcher else None
-        if loop:
+        loops = [Periodic("patchbay-sweep", settings.sweep_interval_seconds, lambda: sweep(get_storage(), settings))]
+        if settings.run_dispatcher:
+            loops.append(DispatchLoop(settings))
+        for loop in loops:
             loop.start()
         yield
-        if loop:
+        for loop in loops:
             loop.stop()
 
-    app = FastAPI(title="Patchbay", version="0.1.0", lifespan=lifespan)
+    app = PatchbayApi(settings, title="Patchbay", version="0.1.0", lifespan=lifespan)
+    app.state.rate_limits = RateLimits()
     install_error_handlers(app)
-    for module in (health, files, jobs, models, adapters, inference):
+    install_openapi(app)
+    for module in (health, files, jobs, models, adapters, inference, admin):
         app.include_router(module.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

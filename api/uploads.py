@@ -1,18 +1,30 @@
-"""Streaming multipart upload: chunks go straight to storage, hashed and validated line by line."""
+"""Streaming multipart upload: the `file` part goes straight to a destination file, hashed on the way.
+
+Disk writes and hashing run in worker threads, a megabyte at a time, so the event loop only parses.
+The body's idle timeout and total size are enforced where it is read (api/edge.py); the `file` part's
+own limit here. Checking what was uploaded is the caller's job, after the body is in.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 
-from core.datasets import ReportBuilder, ValidationReport
+from core.db import session_scope
 from core.errors import ApiError, invalid
-from core.storage import LocalStorage
+from core.models import Team
+from core.quotas import storage_full, storage_left, storage_used
+from core.settings import Settings
 
 MAX_FIELD_BYTES = 4096
+MAX_FILENAME_CHARS = 255
+WRITE_BATCH_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -23,42 +35,53 @@ class UploadResult:
     filename: str | None = None
     bytes: int = 0
     sha256: str = ""
-    report: ValidationReport | None = None
 
 
-class _LineValidator:
-    """Splits a byte stream into lines and validates each as it completes."""
+def _clean_filename(raw: bytes) -> str:
+    name = raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name:
+        return "upload.jsonl"
+    if len(name) > MAX_FILENAME_CHARS:
+        raise invalid(f"The file name is longer than {MAX_FILENAME_CHARS} characters.", "file", "filename_too_long")
+    if any(ord(c) < 32 for c in name) or "\ufffd" in name:
+        raise invalid("The file name holds control characters or is not valid UTF-8.", "file", "invalid_filename")
+    return name
 
-    def __init__(self) -> None:
-        self.builder = ReportBuilder()
-        self._pending = b""
 
-    def feed(self, chunk: bytes) -> None:
-        data = self._pending + chunk
-        *lines, self._pending = data.split(b"\n")
-        for line in lines:
-            self.builder.feed(line.rstrip(b"\r"))
+class _HashedFile:
+    """The destination file; every method blocks, so callers run it in a thread."""
 
-    def finish(self) -> ValidationReport:
-        if self._pending:
-            self.builder.feed(self._pending.rstrip(b"\r"))
-        return self.builder.report
+    def __init__(self, open_destination: Callable[[], BinaryIO]) -> None:
+        self._open = open_destination
+        self._out: BinaryIO | None = None
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = self._open()
+        self.hash.update(data)
+        self._out.write(data)
+
+    def close(self, create_if_empty: bool) -> None:
+        if self._out is None and create_if_empty:
+            self._out = self._open()
+        if self._out is not None:
+            self._out.close()
 
 
 class _FormSink:
-    """Parser callbacks: the `file` part streams to storage, other parts are small fields."""
+    """Parser callbacks: `file` bytes collect in a buffer the upload loop flushes; other parts are small fields."""
 
-    def __init__(self, storage: LocalStorage, key: str, limit: int, validate_lines: bool) -> None:
-        self.storage, self.key, self.limit = storage, key, limit
+    def __init__(self, file_limit: int, over_limit: Callable[[int], ApiError]) -> None:
+        self.file_limit, self.over_limit = file_limit, over_limit
         self.result = UploadResult()
+        self.pending = bytearray()
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
         self._name: str | None = None
         self._value = bytearray()
-        self._out = None
-        self._hash = hashlib.sha256()
-        self._lines = _LineValidator() if validate_lines else None
+        self._seen_file = False
 
     def on_part_begin(self) -> None:
         self._headers, self._name, self._value = {}, None, bytearray()
@@ -75,78 +98,95 @@ class _FormSink:
 
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")[:64]
         if self._name == "file":
-            if self._out is not None:
+            if self._seen_file:
                 raise invalid("Only one 'file' part may be sent.", "file")
-            self.result.filename = options.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")
-            self._out = self.storage.open_write(self.key)
+            self._seen_file = True
+            self.result.filename = _clean_filename(options.get(b"filename", b""))
+        elif len(self.result.fields) >= 16:
+            raise invalid("The form has too many fields.", self._name)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
         if self._name == "file":
-            self.result.bytes += len(chunk)
-            if self.result.bytes > self.limit:
-                raise ApiError(413, f"The file is larger than the limit of {self.limit} bytes.", param="file",
-                               code="file_too_large")
-            self._hash.update(chunk)
-            if self._lines:
-                self._lines.feed(chunk)
-            self._out.write(chunk)
+            self.result.bytes += end - start
+            if self.result.bytes > self.file_limit:
+                raise self.over_limit(self.result.bytes)
+            self.pending += data[start:end]
         else:
-            self._value += chunk
+            self._value += data[start:end]
             if len(self._value) > MAX_FIELD_BYTES:
-                raise invalid(f"Form field '{self._name}' is too long.", self._name)
+                raise invalid(f"Form field '{self._name}' is longer than {MAX_FIELD_BYTES} bytes.", self._name)
 
     def on_part_end(self) -> None:
         if self._name and self._name != "file":
-            self.result.fields[self._name] = self._value.decode("utf-8", "replace")
-
-    def close(self) -> UploadResult:
-        if self._out is not None:
-            self._out.close()
-            self.result.sha256 = self._hash.hexdigest()
-            self.result.report = self._lines.finish() if self._lines else None
-        return self.result
-
-    def abort(self) -> None:
-        if self._out is not None:
-            self._out.close()
-        self.storage.delete(self.key)
+            value = self._value.decode("utf-8", "replace")
+            if "\x00" in value or "\ufffd" in value:
+                raise invalid(f"Form field '{self._name}' holds a NUL character or invalid UTF-8.", self._name,
+                              "invalid_characters")
+            self.result.fields[self._name] = value
 
 
-async def receive_upload(request: Request, storage: LocalStorage, key: str, limit: int,
-                         validate_lines: bool = True) -> UploadResult:
-    """Stream a multipart/form-data body: its `file` part lands at `key` in storage.
+def upload_allowance(team: Team, settings: Settings) -> tuple[int, Callable[[int], ApiError]]:
+    """The largest file the team may upload now, and the error past it: the upload limit, or the storage quota."""
+    with session_scope() as session:
+        room = storage_left(session, team, settings)
+        used = storage_used(session, team.id) if room is not None else 0
+    if room is None or room >= settings.max_upload_bytes:
+        return settings.max_upload_bytes, too_large(settings.max_upload_bytes)
+    return room, lambda size: storage_full(team, room + used, used)
 
-    With `validate_lines`, the file is also checked as a JSONL dataset while it streams.
+
+def too_large(limit: int) -> Callable[[int], ApiError]:
+    """The 413 for a file part over `limit` bytes."""
+    return lambda _: ApiError(413, f"The file is larger than the limit of {limit} bytes.", param="file",
+                              code="file_too_large")
+
+
+async def receive_upload(request: Request, open_destination: Callable[[], BinaryIO], *, file_limit: int,
+                         over_limit: Callable[[int], ApiError] | None = None) -> UploadResult:
+    """Stream a multipart/form-data body: its `file` part is written to `open_destination()`.
+
+    `over_limit(size)` gives the error once the file part passes `file_limit` bytes. On any error the
+    destination may hold a partial file: the caller removes it (it owns the key or path).
     """
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.", code="file_too_large")
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise invalid("Send the upload as multipart/form-data with fields 'file' and 'purpose'.", "file")
-    sink = _FormSink(storage, key, limit, validate_lines)
+    sink = _FormSink(file_limit, over_limit or too_large(file_limit))
     callbacks = {name: getattr(sink, name) for name in dir(sink) if name.startswith("on_")}
     parser = MultipartParser(boundary, callbacks)
+    destination = _HashedFile(open_destination)
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+            if len(sink.pending) >= WRITE_BATCH_BYTES:
+                await _flush(sink, destination)
         parser.finalize()
+        await _flush(sink, destination)
     except ApiError:
-        sink.abort()
         raise
     except Exception as exc:  # a malformed body from the client
-        sink.abort()
-        raise invalid(f"The multipart body could not be parsed: {exc}", "file") from None
-    return sink.close()
+        raise invalid(f"The multipart body could not be parsed: {exc.__class__.__name__}.", "file") from None
+    finally:
+        await run_in_threadpool(destination.close, sink.result.filename is not None)
+    sink.result.sha256 = destination.hash.hexdigest()
+    return sink.result
 
 
-def multipart_openapi(fields: dict[str, str], required: list[str]) -> dict:
-    """OpenAPI for a streamed multipart body (FastAPI cannot infer it from a raw request)."""
-    properties = {name: ({"type": "string", "format": "binary"} if kind == "file" else {"type": "string"})
+async def _flush(sink: _FormSink, destination: _HashedFile) -> None:
+    if sink.pending:
+        data, sink.pending = bytes(sink.pending), bytearray()
+        await run_in_threadpool(destination.write, data)
+
+
+def multipart_openapi(fields: dict[str, dict | str], required: list[str]) -> dict:
+    """OpenAPI for a streamed multipart body (FastAPI cannot infer it from a raw request).
+
+    Each field is "file" (the upload) or the JSON schema of a text field.
+    """
+    properties = {name: ({"type": "string", "format": "binary"} if kind == "file" else kind)
                   for name, kind in fields.items()}
     schema = {"type": "object", "properties": properties, "required": required}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import BinaryIO, Literal
 
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -203,12 +204,41 @@ class ReportBuilder:
         try:
             example = parse_line(raw, self.report.format)
         except LineError as exc:
-            self.report.n_errors += 1
-            if len(self.report.errors) < MAX_REPORTED_ERRORS:
-                self.report.errors.append(f"line {self._line_no}: {exc}")
+            self._error(str(exc))
+            return
+        except RecursionError:
+            self._error("nested too deeply")
             return
         self.report.format = self.report.format or example.format
         self.report.n_examples += 1
+
+    def refuse_line(self, reason: str) -> None:
+        """Count the next line as invalid without parsing it."""
+        self._line_no += 1
+        self._error(reason)
+
+    def _error(self, reason: str) -> None:
+        self.report.n_errors += 1
+        if len(self.report.errors) < MAX_REPORTED_ERRORS:
+            self.report.errors.append(f"line {self._line_no}: {reason}")
+
+
+def _skip_rest_of_line(fh: BinaryIO) -> None:
+    while (chunk := fh.readline(1024 * 1024)) and not chunk.endswith(b"\n"):
+        pass
+
+
+def validate_file(path: str | Path, max_line_bytes: int) -> ValidationReport:
+    """Validate a JSONL file in one linear pass, refusing lines longer than `max_line_bytes`."""
+    builder = ReportBuilder()
+    with open(path, "rb") as fh:
+        while line := fh.readline(max_line_bytes + 1):
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                _skip_rest_of_line(fh)
+                builder.refuse_line(f"longer than the limit of {max_line_bytes} bytes")
+                continue
+            builder.feed(line.rstrip(b"\r\n"))
+    return builder.report
 
 
 def validate_jsonl(lines: Iterable[bytes]) -> ValidationReport:

@@ -8,25 +8,38 @@ from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from core.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
-    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping on servers."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+def make_engine(url: str, pool_timeout: float | None = None, *, pooled: bool = True) -> Engine:
+    """An engine tuned for the backend: WAL and a busy timeout on SQLite, pre-ping on servers.
 
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
+    A request waits at most `pool_timeout` seconds for a free connection; then it fails (and the API
+    answers 503) rather than queueing without bound. `pooled=False` opens a connection per use (for a
+    thread in a process that forks, so no child inherits an open connection).
+    """
+    sqlite = url.startswith("sqlite")
+    if pooled:
+        # SQLite connections are cheap; its pool only bounds how many threads wait on its one writer.
+        pooling = {"pool_size": 20 if sqlite else 10, "max_overflow": 20 if sqlite else 10,
+                   "pool_timeout": pool_timeout if pool_timeout is not None else get_settings().db_pool_timeout_seconds}
+    else:
+        pooling = {"poolclass": NullPool}
+    if not sqlite:
+        return create_engine(url, pool_pre_ping=True, **pooling)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pooling)
 
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
 
 
 @lru_cache

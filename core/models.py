@@ -34,6 +34,12 @@ class Team(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    # Per-team overrides of the settings' defaults (NULL: the default; 0: unlimited). See core/quotas.py.
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    storage_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKey(Base):
@@ -203,3 +209,13 @@ class AdapterAliasEvent(Base):
     adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     previous_adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+
+
+class WorkerRecord(Base):
+    """A live training worker and how many jobs it runs at once; the dispatcher hands out only that capacity."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float, default=now)
+    heartbeat_at: Mapped[float] = mapped_column(Float, default=now, index=True)

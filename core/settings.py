@@ -22,6 +22,42 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(None, description="local object storage; default data_dir/storage")
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="largest accepted upload (413 above)")
+    max_json_bytes: int = Field(1024 * 1024, description="largest JSON request body (413 above)")
+    max_chat_bytes: int = Field(
+        8 * 1024 * 1024, description="largest body of /v1/chat/completions and /v1/completions (413 above)"
+    )
+    max_line_bytes: int = Field(
+        128 * 1024 * 1024, description="longest dataset line accepted (longer lines are errors)"
+    )
+    body_idle_timeout_seconds: float = Field(
+        30.0, description="a request body that sends nothing for this long is cut off (408)"
+    )
+    check_workers: int = Field(2, description="processes that check uploads (datasets, archives) off the event loop")
+    db_pool_timeout_seconds: float = Field(
+        10.0, description="wait this long for a database connection before answering 503"
+    )
+    sweep_interval_seconds: float = Field(600.0, description="how often orphaned temporary uploads are looked for")
+    orphan_age_seconds: float = Field(
+        3600.0, description="a stored object with no row, or another host's temporary, is removed after this long"
+    )
+
+    team_max_concurrent_uploads: int = Field(4, description="uploads one team may stream at once per API (429)")
+    team_max_event_streams: int = Field(16, description="live event streams one team may hold per API (429)")
+    team_max_running_jobs: int = Field(0, description="jobs of one team that train at once (0: unlimited)")
+    team_max_queued_jobs: int = Field(0, description="jobs of one team waiting to train (429 above; 0: unlimited)")
+    team_storage_bytes: int = Field(0, description="bytes of files and adapters one team may store (413; 0: unlimited)")
+    team_requests_per_minute: int = Field(
+        0, description="inference requests per minute per team (429 above; 0: unlimited)"
+    )
+    team_tokens_per_minute: int = Field(
+        0, description="generated tokens per minute per team (429 above; 0: unlimited)"
+    )
+    key_requests_per_minute: int = Field(
+        1200, description="requests per minute per API key on every other route (429 above; 0: unlimited)"
+    )
+    failed_auth_per_minute: int = Field(
+        60, description="failed authentications per minute per client address (429 above; 0: unlimited)"
+    )
     job_deadline_seconds: int = Field(6 * 3600, description="a job not finished by then is failed")
     lease_seconds: float = Field(60.0, description="a running job's lease; renewed by heartbeat")
     heartbeat_seconds: float = Field(5.0, description="how often a worker renews its lease")

@@ -75,6 +75,25 @@ class LocalStorage:
         shutil.copytree(source, dest, dirs_exist_ok=True)
         return dest
 
+    def rename(self, source: str, target: str) -> None:
+        """Move the object at `source` to `target` (atomic on one filesystem): how a temporary is committed."""
+        destination = self.path(target)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        self.path(source).replace(destination)
+
+    def children(self, prefix: str) -> list[tuple[str, float]]:
+        """The keys directly under `prefix`, each with its last modification time (unix seconds)."""
+        folder = self.path(prefix)
+        if not folder.is_dir():
+            return []
+        found = []
+        for child in folder.iterdir():
+            try:
+                found.append((f"{prefix.rstrip('/')}/{child.name}", newest_mtime(child)))
+            except FileNotFoundError:  # removed while we looked
+                continue
+        return found
+
     def delete(self, key: str) -> None:
         """Remove a file or folder; missing keys are ignored."""
         target = self.path(key)
@@ -82,6 +101,13 @@ class LocalStorage:
             shutil.rmtree(target, ignore_errors=True)
         else:
             target.unlink(missing_ok=True)
+
+
+def newest_mtime(path: Path) -> float:
+    """The latest modification time of a file, or of anything inside a folder."""
+    if path.is_file():
+        return path.stat().st_mtime
+    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
 
 
 def sha256_file(path: Path) -> str:

@@ -7,16 +7,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
+from api.checks import run_check
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.pagination import page_newest_first
-from api.uploads import multipart_openapi, receive_upload
-from core.adapter_check import AdapterCheckError, check_adapter_folder
-from core.archives import ArchiveError, extract_archive, write_tar_gz
+from api.pagination import After, Limit, page_newest_first
+from api.routing import team_router
+from api.team_slots import UPLOADS
+from api.uploads import UploadResult, multipart_openapi, receive_upload, upload_allowance
+from core.adapter_check import AdapterCheckError
+from core.adapter_import import InspectedAdapter, inspect_adapter_archive
+from core.archives import ArchiveError, write_tar_gz
+from core.db import session_scope
 from core.errors import invalid, not_found
 from core.ids import new_id
 from core.models import Adapter, AdapterAliasEvent, BaseModelRecord
@@ -32,9 +38,9 @@ from core.safetensors_header import count_folder_params
 from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.schemas.common import DeletedObject, ListPage
 from core.storage import folder_sha256, get_storage, sha256_file
+from core.temporaries import scratch_dir, temp_key
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-KEPT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+router = team_router("/v1/adapters", "adapters")
 
 
 def get_team_adapter(session, team, ref: str) -> Adapter:
@@ -51,8 +57,9 @@ def _public(session, rows: list[Adapter]) -> list[AdapterPublic]:
 
 
 @router.get("", response_model=ListPage[AdapterPublic])
-def list_adapters(session: SessionDep, team: CurrentTeam, name: str | None = None, after: str | None = None,
-                  limit: int = Query(100)) -> ListPage[AdapterPublic]:
+def list_adapters(session: SessionDep, team: CurrentTeam, name: str | None = Query(None, max_length=256),
+                  after: After = None,
+                  limit: Limit = 100) -> ListPage[AdapterPublic]:
     """The team's adapters, newest first."""
     query = select(Adapter).where(Adapter.team_id == team.id, Adapter.status == "ready")
     if name:
@@ -68,67 +75,94 @@ def retrieve_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> Adapte
 
 
 @router.get("/{ref}/download")
-def download_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> FileResponse:
+def download_adapter(ref: str, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> FileResponse:
     """The PEFT folder plus our metadata, as tar.gz."""
     row = get_team_adapter(session, team, ref)
-    scratch = Path(tempfile.mkdtemp(prefix="patchbay-download-"))
+    session.close()  # no connection held while the archive is written
+    scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_dir(settings)))
     arcname = f"{row.name}-v{row.version}"
     archive = write_tar_gz(get_storage().path(row.storage_key), scratch / f"{arcname}.tar.gz", arcname)
     return FileResponse(archive, media_type="application/gzip", filename=archive.name,
                         background=BackgroundTask(shutil.rmtree, scratch, True))
 
 
-@router.post("/import", response_model=AdapterPublic, openapi_extra=multipart_openapi(
-    {"file": "file", "name": "text", "base_model": "text"}, ["file", "name", "base_model"]))
-async def import_adapter(request: Request, session: SessionDep, team: CurrentTeam,
-                         settings: SettingsDep) -> AdapterPublic:
-    """Take an adapter trained elsewhere (tar.gz or zip of a PEFT LoRA folder), after checking it."""
-    storage = get_storage()
-    upload_key = f"imports/{new_id('upload')}"
-    result = await receive_upload(request, storage, upload_key, settings.max_upload_bytes, validate_lines=False)
-    scratch = Path(tempfile.mkdtemp(prefix="patchbay-import-"))
+def _import_fields(result: UploadResult) -> tuple[str, BaseModelRecord]:
+    if result.filename is None:
+        raise invalid("The form field 'file' (a tar.gz or zip of the adapter folder) is required.", "file")
+    name = result.fields.get("name", "").strip()
+    if not name or len(name) > 128 or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
+        raise invalid("The form field 'name' is required: at most 128 letters, digits, '.', '_' and '-'.", "name")
+    base_id = result.fields.get("base_model", "")
+    with session_scope() as session:
+        base = session.get(BaseModelRecord, base_id) if len(base_id) <= 128 else None
+    if base is None:
+        raise invalid(f"Unknown base model '{base_id[:128]}'.", "base_model", "model_not_found")
+    return name, base
+
+
+async def _inspect(archive: Path, scratch: Path, base: BaseModelRecord, settings) -> InspectedAdapter:
     try:
-        fields = result.fields
-        if result.filename is None:
-            raise invalid("The form field 'file' (a tar.gz or zip of the adapter folder) is required.", "file")
-        name = fields.get("name", "").strip()
-        if not name or len(name) > 128 or not all(c.isalnum() or c in "._-" for c in name):
-            raise invalid("The form field 'name' is required: letters, digits, '.', '_' and '-'.", "name")
-        base = session.get(BaseModelRecord, fields.get("base_model", ""))
-        if base is None:
-            raise invalid(f"Unknown base model '{fields.get('base_model', '')}'.", "base_model", "model_not_found")
-        try:
-            folder = extract_archive(storage.path(upload_key), scratch / "unpacked", settings.max_upload_bytes)
-            summary = check_adapter_folder(folder, Path(base.path), settings.max_lora_rank)
-        except ArchiveError as exc:
-            raise invalid(f"Archive refused: {exc}.", "file", "invalid_archive") from None
-        except AdapterCheckError as exc:
-            raise invalid(f"Adapter check '{exc.check}' failed: {exc}.", "file", f"adapter_{exc.check}") from None
-        clean = scratch / "clean"
-        clean.mkdir()
-        for file_name in KEPT_FILES:
-            if (folder / file_name).is_file():
-                shutil.copy2(folder / file_name, clean / file_name)
-        adapter_id = new_id("adapter")
-        files = {p.name: sha256_file(p) for p in sorted(clean.iterdir())}
-        (clean / "patchbay.json").write_text(json.dumps({
-            "format": "patchbay.adapter/v1", "source": "import", "base_model": {"id": base.id, "sha256": base.sha256},
-            "method": "lora", "rank": summary.rank, "alpha": summary.alpha, "files": files,
-            "trainable_params": summary.trainable_params}, indent=2, sort_keys=True))
-        sha, size = folder_sha256(clean)
-        storage.put_dir(f"adapters/{adapter_id}", clean)
-        row = new_adapter_row(
-            session, id=adapter_id, team_id=team.id, name=name, fine_tuned_model=None, base_model=base.id,
-            job_id=None, storage_key=f"adapters/{adapter_id}", method="lora", rank=summary.rank,
-            target_modules=summary.target_modules, trainable_params=summary.trainable_params,
-            base_params=count_folder_params(Path(base.path)), bytes=size,
-            sha256=sha, metrics={}, status="ready", source="import")
-        session.commit()
-        announce("published", team_id=team.id, adapter_id=row.id, name=row.name, version=row.version)
-        return _public(session, [row])[0]
+        return await run_check(inspect_adapter_archive, archive, scratch / "unpacked", Path(base.path),
+                               max_bytes=settings.max_upload_bytes, max_rank=settings.max_lora_rank)
+    except ArchiveError as exc:
+        raise invalid(f"Archive refused: {exc}.", "file", "invalid_archive") from None
+    except AdapterCheckError as exc:
+        raise invalid(f"Adapter check '{exc.check}' failed: {exc}.", "file", f"adapter_{exc.check}") from None
+
+
+def _publish_import(team, name: str, base: BaseModelRecord, inspected: InspectedAdapter) -> Adapter:
+    """Store the checked folder under a temporary key, and rename it into place as its row commits."""
+    storage, folder, summary = get_storage(), inspected.folder, inspected.summary
+    adapter_id = new_id("adapter")
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    (folder / "patchbay.json").write_text(json.dumps({
+        "format": "patchbay.adapter/v1", "source": "import", "base_model": {"id": base.id, "sha256": base.sha256},
+        "method": "lora", "rank": summary.rank, "alpha": summary.alpha, "files": files,
+        "trainable_params": summary.trainable_params}, indent=2, sort_keys=True))
+    sha, size = folder_sha256(folder)
+    temp, key = temp_key(adapter_id), f"adapters/{adapter_id}"
+    storage.put_dir(temp, folder)
+    try:
+        with session_scope() as session:
+            row = new_adapter_row(
+                session, id=adapter_id, team_id=team.id, name=name, fine_tuned_model=None, base_model=base.id,
+                job_id=None, storage_key=key, method="lora", rank=summary.rank,
+                target_modules=summary.target_modules, trainable_params=summary.trainable_params,
+                base_params=count_folder_params(Path(base.path)), bytes=size,
+                sha256=sha, metrics={}, status="ready", source="import")
+            storage.rename(temp, key)
+            try:
+                session.commit()
+            except BaseException:
+                storage.delete(key)
+                raise
+            public = _public(session, [row])[0]
     finally:
-        storage.delete(upload_key)
-        shutil.rmtree(scratch, ignore_errors=True)
+        storage.delete(temp)
+    announce("published", team_id=team.id, adapter_id=adapter_id, name=name, version=public.version)
+    return public
+
+
+@router.post("/import", response_model=AdapterPublic, openapi_extra=multipart_openapi(
+    {"file": "file", "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+     "base_model": {"type": "string", "minLength": 1, "maxLength": 128}}, ["file", "name", "base_model"]))
+async def import_adapter(request: Request, team: CurrentTeam, settings: SettingsDep) -> AdapterPublic:
+    """Take an adapter trained elsewhere (tar.gz or zip of a PEFT LoRA folder), after checking it completely.
+
+    The archive lands in a private scratch folder and is inspected in a checker process; storage sees
+    only a folder that passed every check.
+    """
+    with UPLOADS.hold(team.id, team.name, settings.team_max_concurrent_uploads):
+        scratch = await run_in_threadpool(lambda: Path(tempfile.mkdtemp(prefix="import-", dir=scratch_dir(settings))))
+        try:
+            limit, over_limit = await run_in_threadpool(upload_allowance, team, settings)
+            result = await receive_upload(request, lambda: open(scratch / "upload", "wb"), file_limit=limit,
+                                          over_limit=over_limit)
+            name, base = await run_in_threadpool(_import_fields, result)
+            inspected = await _inspect(scratch / "upload", scratch, base, settings)
+            return await run_in_threadpool(_publish_import, team, name, base, inspected)
+        finally:
+            await run_in_threadpool(shutil.rmtree, scratch, True)
 
 
 @router.delete("/{ref}", response_model=DeletedObject)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
+from starlette.concurrency import run_in_threadpool
 
+from api.checks import run_check
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.pagination import page_newest_first
-from api.uploads import multipart_openapi, receive_upload
+from api.pagination import After, Limit, page_newest_first
+from api.routing import team_router
+from api.team_slots import UPLOADS
+from api.uploads import UploadResult, multipart_openapi, receive_upload, upload_allowance
+from core.datasets import validate_file
+from core.db import session_scope
 from core.errors import ApiError, invalid, not_found
 from core.ids import new_id
 from core.leases import UNFINISHED_STATUSES
@@ -16,8 +22,9 @@ from core.models import File, Job
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.files import FilePublic
 from core.storage import get_storage
+from core.temporaries import temp_key
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = team_router("/v1/files", "files")
 PURPOSES = ("fine-tune",)
 
 
@@ -29,41 +36,54 @@ def get_team_file(session: SessionDep, team: CurrentTeam, file_id: str, param: s
     return row
 
 
-@router.post("", response_model=FilePublic,
-             openapi_extra=multipart_openapi({"file": "file", "purpose": "text"}, ["file", "purpose"]))
-async def upload_file(request: Request, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> FilePublic:
-    """Stream an upload to storage, then validate it line by line."""
-    file_id = new_id("file")
-    storage = get_storage()
-    key = f"files/{file_id}.jsonl"
-    result = await receive_upload(request, storage, key, settings.max_upload_bytes)
-    purpose = result.fields.get("purpose")
-    problem = None
+def _checked_fields(result: UploadResult) -> str:
     if result.filename is None:
-        problem = invalid("The form field 'file' is required.", "file")
-    elif purpose is None:
-        problem = invalid("The form field 'purpose' is required (use 'fine-tune').", "purpose")
-    elif purpose not in PURPOSES:
-        problem = invalid(f"Unsupported purpose {purpose!r}; expected one of: {', '.join(PURPOSES)}.", "purpose")
-    if problem:
-        storage.delete(key)
-        raise problem
-    report = result.report
-    row = File(
-        id=file_id,
-        team_id=team.id,
-        filename=result.filename,
-        purpose=purpose,
-        bytes=result.bytes,
-        sha256=result.sha256,
-        status="processed" if report.ok else "error",
-        status_details=report.details(),
-        format=report.format,
-        n_examples=report.n_examples,
-        storage_key=key,
-    )
-    session.add(row)
-    session.flush()
+        raise invalid("The form field 'file' is required.", "file")
+    purpose = result.fields.get("purpose")
+    if purpose is None:
+        raise invalid("The form field 'purpose' is required (use 'fine-tune').", "purpose")
+    if purpose not in PURPOSES:
+        raise invalid(f"Unsupported purpose {purpose[:64]!r}; expected one of: {', '.join(PURPOSES)}.", "purpose")
+    return purpose
+
+
+def _record_file(row: File, temp: str) -> File:
+    """Commit the file's row, renaming its temporary into place just before (removed again if the commit fails)."""
+    storage = get_storage()
+    with session_scope() as session:
+        session.add(row)
+        session.flush()
+        storage.rename(temp, row.storage_key)
+        try:
+            session.commit()
+        except BaseException:
+            storage.delete(row.storage_key)
+            raise
+    return row
+
+
+@router.post("", response_model=FilePublic,
+             openapi_extra=multipart_openapi(
+                 {"file": "file", "purpose": {"type": "string", "enum": list(PURPOSES)}}, ["file", "purpose"]))
+async def upload_file(request: Request, team: CurrentTeam, settings: SettingsDep) -> FilePublic:
+    """Stream an upload to a temporary key, validate it in a checker process, then commit it."""
+    storage = get_storage()
+    file_id = new_id("file")
+    temp = temp_key(f"{file_id}.jsonl")
+    with UPLOADS.hold(team.id, team.name, settings.team_max_concurrent_uploads):
+        try:
+            limit, over_limit = await run_in_threadpool(upload_allowance, team, settings)
+            result = await receive_upload(request, lambda: storage.open_write(temp), file_limit=limit,
+                                          over_limit=over_limit)
+            purpose = _checked_fields(result)
+            report = await run_check(validate_file, storage.path(temp), settings.max_line_bytes)
+            row = File(id=file_id, team_id=team.id, filename=result.filename, purpose=purpose, bytes=result.bytes,
+                       sha256=result.sha256, status="processed" if report.ok else "error",
+                       status_details=report.details(), format=report.format, n_examples=report.n_examples,
+                       storage_key=f"files/{file_id}.jsonl")
+            await run_in_threadpool(_record_file, row, temp)
+        finally:
+            await run_in_threadpool(storage.delete, temp)
     return FilePublic.of(row)
 
 
@@ -71,9 +91,9 @@ async def upload_file(request: Request, session: SessionDep, team: CurrentTeam, 
 def list_files(
     session: SessionDep,
     team: CurrentTeam,
-    purpose: str | None = None,
-    after: str | None = None,
-    limit: int = Query(100),
+    purpose: str | None = Query(None, max_length=32),
+    after: After = None,
+    limit: Limit = 100,
 ) -> ListPage[FilePublic]:
     """The team's files, newest first."""
     query = select(File).where(File.team_id == team.id)
@@ -113,6 +133,6 @@ def delete_file(file_id: str, session: SessionDep, team: CurrentTeam) -> Deleted
     if in_use:
         raise ApiError(409, f"File '{file_id}' is used by job '{in_use}', which has not finished.", code="file_in_use")
     session.delete(row)
-    session.flush()
+    session.commit()  # the row goes first: a failed commit must not leave a row without its bytes
     get_storage().delete(row.storage_key)
     return DeletedObject(id=file_id, object="file")

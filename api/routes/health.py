@@ -6,19 +6,20 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.routing import SessionRoute
 from core.db import get_engine
 from core.queue import get_celery
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=SessionRoute)
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "The database or the broker is unreachable; see Retry-After."}})
 def readyz() -> JSONResponse:
     """The database and the broker are reachable."""
     checks: dict[str, str] = {}
@@ -36,4 +37,4 @@ def readyz() -> JSONResponse:
         checks["broker"] = f"error: {exc.__class__.__name__}"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
-                        status_code=200 if ready else 503)
+                        status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})

@@ -7,12 +7,15 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
-from api.pagination import check_limit, page_newest_first
+from api.pagination import After, Limit, page_newest_first
+from api.routing import team_router
+from api.team_slots import EVENT_STREAMS
 from core.base_models import has_chat_template
 from core.db import session_scope
 from core.errors import ApiError, invalid, not_found
@@ -29,17 +32,23 @@ from core.models import (
     Team,
 )
 from core.queue import TRAIN_TASK
+from core.quotas import check_queued_jobs
 from core.schemas.common import ListPage
 from core.schemas.jobs import (
+    MAX_METADATA_KEY,
+    MAX_METADATA_VALUE,
     CheckpointPublic,
     JobCreate,
     JobEventPublic,
     JobListPage,
     JobPublic,
+    valid_metadata_key,
 )
 from core.schemas.training import resolve_training
+from core.settings import Settings
+from core.stores import store_outage
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = team_router("/v1/fine_tuning/jobs", "fine-tuning")
 STREAM_POLL_SECONDS = 0.5
 
 
@@ -67,6 +76,7 @@ def _usable_file(session, team: Team, file_id: str, param: str) -> File:
 @router.post("", response_model=JobPublic)
 def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> JobPublic:
     """Validate the whole spec, then write the job and its dispatch in one transaction."""
+    check_queued_jobs(session, team, settings)
     base = session.get(BaseModelRecord, body.model)
     if base is None:
         known = ", ".join(session.scalars(select(BaseModelRecord.id)).all()) or "none registered"
@@ -106,13 +116,17 @@ def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings
 
 
 @router.get("", response_model=JobListPage)
-def list_jobs(request: Request, session: SessionDep, team: CurrentTeam, after: str | None = None,
-              limit: int = Query(20)) -> JobListPage:
+def list_jobs(request: Request, session: SessionDep, team: CurrentTeam, after: After = None,
+              limit: Limit = 20) -> JobListPage:
     """The team's jobs, newest first; filter with `metadata[key]=value`."""
     query = select(Job).where(Job.team_id == team.id)
     for name, value in request.query_params.multi_items():
         if name.startswith("metadata[") and name.endswith("]"):
-            query = query.where(Job.user_metadata[name[9:-1]].as_string() == value)
+            key = name[9:-1]
+            if not valid_metadata_key(key) or len(value) > MAX_METADATA_VALUE:
+                raise invalid(f"Metadata filter {name[:80]!r} is not a valid key (at most {MAX_METADATA_KEY} "
+                              "characters, no quotes, backslashes or control characters) and value.", name[:80])
+            query = query.where(Job.user_metadata[key].as_string() == value)
     rows, has_more = page_newest_first(session, query, Job, after, limit)
     data = [JobPublic.of(r) for r in rows]
     return JobListPage(data=data, has_more=has_more, first_id=data[0].id if data else None,
@@ -160,7 +174,9 @@ def resume_job(job_id: str, session: SessionDep, team: CurrentTeam, settings: Se
     job = get_team_job(session, team, job_id)
     if job.status != "paused":
         raise ApiError(409, f"Job '{job_id}' is {job.status}, not paused.", code="job_not_paused")
-    job.status, job.deadline_at = "queued", now() + settings.job_deadline_seconds
+    check_queued_jobs(session, team, settings)
+    # Waiting again (not dispatched): the dispatcher sends it when a worker slot is free.
+    job.status, job.deadline_at, job.dispatched_at = "queued", now() + settings.job_deadline_seconds, None
     session.add(OutboxMessage(job_id=job.id, task=TRAIN_TASK, reason="resumed"))
     add_event(session, job.id, "Job resumed by the user.")
     session.flush()
@@ -168,13 +184,13 @@ def resume_job(job_id: str, session: SessionDep, team: CurrentTeam, settings: Se
 
 
 @router.get("/{job_id}/events", response_model=None)
-def list_events(job_id: str, session: SessionDep, team: CurrentTeam, after: str | None = None,
-                limit: int = Query(20), stream: bool = False) -> ListPage[JobEventPublic] | StreamingResponse:
+def list_events(job_id: str, session: SessionDep, team: CurrentTeam, settings: SettingsDep, after: After = None,
+                limit: Limit = 20, stream: bool = False) -> ListPage[JobEventPublic] | StreamingResponse:
     """The job's events, newest first; with `stream=true`, Server-Sent Events from the start, live."""
     get_team_job(session, team, job_id)
-    check_limit(limit)
     if stream:
-        return StreamingResponse(_stream_events(job_id), media_type="text/event-stream",
+        EVENT_STREAMS.check(team.id, team.name, settings.team_max_event_streams)
+        return StreamingResponse(_stream_events(job_id, team, settings), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
@@ -185,33 +201,45 @@ def list_events(job_id: str, session: SessionDep, team: CurrentTeam, after: str 
     return ListPage[JobEventPublic](data=[JobEventPublic.of(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
-async def _stream_events(job_id: str) -> AsyncIterator[bytes]:
-    """Every event in order, then new ones as they are written, until the job ends."""
-    last_seq = 0
-    idle_polls = 0
-    while True:
-        with session_scope() as session:
-            rows = list(session.scalars(
-                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > last_seq).order_by(JobEvent.seq)
-            ))
-            status = session.scalar(select(Job.status).where(Job.id == job_id))
-            payloads = [JobEventPublic.of(r).model_dump_json() for r in rows]
-        for row, payload in zip(rows, payloads):
-            last_seq = row.seq
-            yield f"data: {payload}\n\n".encode()
-        if not rows and (status is None or status in TERMINAL_STATUSES):
-            yield b"data: [DONE]\n\n"
-            return
-        idle_polls = 0 if rows else idle_polls + 1
-        if idle_polls and idle_polls % 30 == 0:
-            yield b": keep-alive\n\n"
-        if not rows:
-            await asyncio.sleep(STREAM_POLL_SECONDS)
+def _events_after(job_id: str, last_seq: int) -> tuple[list[tuple[int, str]], str | None]:
+    """Events after `last_seq` as (seq, JSON), and the job's status; a short session in a worker thread."""
+    with session_scope() as session:
+        rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > last_seq)
+                               .order_by(JobEvent.seq).limit(500))
+        events = [(row.seq, JobEventPublic.of(row).model_dump_json()) for row in rows]
+        return events, session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+async def _stream_events(job_id: str, team: Team, settings: Settings) -> AsyncIterator[bytes]:
+    """Every event in order, then new ones as they are written, until the job ends.
+
+    No connection is held between polls, and a store outage pauses the stream instead of ending it.
+    """
+    last_seq, idle_polls = 0, 0
+    with EVENT_STREAMS.hold(team.id, team.name, settings.team_max_event_streams, checked=True):
+        while True:
+            try:
+                events, status = await run_in_threadpool(_events_after, job_id, last_seq)
+            except Exception as exc:
+                if store_outage(exc) is None:
+                    raise
+                events, status = [], "unknown"
+            for seq, payload in events:
+                last_seq = seq
+                yield f"data: {payload}\n\n".encode()
+            if not events and (status is None or status in TERMINAL_STATUSES):
+                yield b"data: [DONE]\n\n"
+                return
+            idle_polls = 0 if events else idle_polls + 1
+            if idle_polls and idle_polls % 30 == 0:
+                yield b": keep-alive\n\n"
+            if not events:
+                await asyncio.sleep(STREAM_POLL_SECONDS)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointPublic])
-def list_checkpoints(job_id: str, session: SessionDep, team: CurrentTeam, after: str | None = None,
-                     limit: int = Query(10)) -> ListPage[CheckpointPublic]:
+def list_checkpoints(job_id: str, session: SessionDep, team: CurrentTeam, after: After = None,
+                     limit: Limit = 10) -> ListPage[CheckpointPublic]:
     """The job's checkpoints, newest first."""
     job = get_team_job(session, team, job_id)
     rows, has_more = page_newest_first(session, select(Checkpoint).where(Checkpoint.job_id == job_id),

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
 from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep
 from api.routes.adapters import delete_adapter_row
+from api.routing import team_router
 from core.errors import not_found
 from core.models import Adapter, AdapterAlias, BaseModelRecord
 from core.registry import find_team_adapter
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.models import ModelPublic
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = team_router("/v1/models", "models")
 
 
 def _adapter_model(row: Adapter, team_name: str) -> ModelPublic:
