@@ -1,28 +1,37 @@
 """Outbox dispatcher and reconciler: the database, not the broker, guarantees every job runs.
 
-The dispatcher sends unsent outbox rows to Celery. The reconciler re-dispatches jobs whose
-message was lost or whose worker died, and fails jobs past their deadline.
+The dispatcher sends unsent outbox rows to Celery, but only as many as live workers have free slots,
+chosen by fair share across teams (core/fair_share.py) and within each team's running-jobs limit; the
+rest wait in the database. The reconciler re-dispatches jobs whose message was lost or whose worker
+died, and fails jobs past their deadline.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+from collections import deque
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
 from core.events import add_event
+from core.fair_share import TeamQueue, fair_order
 from core.ids import now
 from core.leases import ACTIVE_STATUSES
-from core.models import File, Job, OutboxMessage
+from core.models import File, Job, OutboxMessage, Team
+from core.periodic import Periodic
 from core.queue import TRAIN_TASK, send_train
-from core.settings import Settings
+from core.quotas import limits_for
+from core.settings import Settings, get_settings
 from core.storage import get_storage
+from core.workers import forget_dead_workers, live_capacity
 
 log = logging.getLogger("patchbay.dispatch")
 MAX_ATTEMPTS = 5
+SCHEDULING_LOCK = 0x7061_7463_6862  # "patchb": the advisory lock key of the dispatchers' turn
+IN_FLIGHT = or_(Job.status == "running", and_(Job.status == "queued", Job.dispatched_at.is_not(None)))
+"""Jobs that hold a worker slot: training, or sent to the broker and about to be taken."""
 
 
 def _check_files(session: Session, job: Job) -> str | None:
@@ -41,46 +50,90 @@ def _fail(session: Session, job: Job, code: str, message: str, event: str, param
     add_event(session, job.id, event, level="error")
 
 
-def dispatch_pending(session_factory=session_scope) -> int:
-    """Send every unsent outbox row to the broker. Returns how many were sent."""
+def _admit(session: Session) -> None:
+    """Move new jobs whose files are usable to `queued` (or fail them), and close rows of finished jobs."""
+    rows = session.execute(
+        select(OutboxMessage, Job).join(Job, Job.id == OutboxMessage.job_id)
+        .where(OutboxMessage.sent_at.is_(None), Job.status != "queued").order_by(OutboxMessage.id).limit(200)
+    ).all()
+    for message, job in rows:
+        if job.status not in ACTIVE_STATUSES:
+            message.sent_at = now()
+            continue
+        problem = _check_files(session, job)
+        if problem:
+            _fail(session, job, "invalid_training_file", problem, f"Job failed: {problem}", param="training_file")
+            message.sent_at = now()
+            continue
+        job.status = "queued"
+        add_event(session, job.id, "Files validated; job queued.")
+    session.commit()
+
+
+def _team_queues(session: Session, settings: Settings, free: int) -> dict[str, TeamQueue]:
+    """Each team's oldest waiting jobs (at most `free`), its jobs in flight, its limit and last service."""
+    rank = func.row_number().over(partition_by=Job.team_id, order_by=OutboxMessage.id).label("rank")
+    waiting = select(OutboxMessage.id.label("message_id"), Job.team_id.label("team_id"), rank) \
+        .join(Job, Job.id == OutboxMessage.job_id) \
+        .where(OutboxMessage.sent_at.is_(None), Job.status == "queued", Job.dispatched_at.is_(None)).subquery()
+    queues: dict[str, TeamQueue] = {}
+    for message_id, team_id in session.execute(
+            select(waiting.c.message_id, waiting.c.team_id).where(waiting.c.rank <= free)
+            .order_by(waiting.c.message_id)):
+        queues.setdefault(team_id, TeamQueue(waiting=deque())).waiting.append(message_id)
+    if not queues:
+        return queues
+    for team_id, count in session.execute(select(Job.team_id, func.count()).where(IN_FLIGHT, Job.team_id.in_(queues))
+                                          .group_by(Job.team_id)):
+        queues[team_id].in_flight = count
+    for team_id, started in session.execute(select(Job.team_id, func.max(Job.started_at))
+                                            .where(Job.team_id.in_(queues)).group_by(Job.team_id)):
+        queues[team_id].last_served = started if started is not None else float("-inf")
+    for team in session.scalars(select(Team).where(Team.id.in_(queues))):
+        queues[team.id].max_running = limits_for(team, settings).max_running_jobs
+    return queues
+
+
+def _scheduling_turn(session: Session) -> bool:
+    """One dispatcher at a time hands out slots (a Postgres advisory lock; SQLite serializes writers anyway)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(SCHEDULING_LOCK))))
+
+
+def dispatch_pending(settings: Settings | None = None, session_factory=session_scope) -> int:
+    """Admit new jobs, then send waiting ones to the broker as workers have room, fairly across teams.
+
+    Returns how many were sent.
+    """
+    settings = settings or get_settings()
     sent = 0
     with session_factory() as session:
-        pending = session.scalars(
-            select(OutboxMessage).where(OutboxMessage.sent_at.is_(None)).order_by(OutboxMessage.id)
-            .limit(50).with_for_update(skip_locked=True)
-        ).all()
-        for message in pending:
+        _admit(session)
+        if not _scheduling_turn(session):
+            return 0
+        in_flight = session.scalar(select(func.count()).select_from(Job).where(IN_FLIGHT)) or 0
+        free = live_capacity(session, settings.lease_seconds) - in_flight
+        if free <= 0:
+            return 0
+        for message_id in fair_order(_team_queues(session, settings, free), free, now()):
+            message = session.get(OutboxMessage, message_id)
             job = session.get(Job, message.job_id)
-            if job is None or job.status not in ACTIVE_STATUSES:
-                message.sent_at = now()
-                continue
-            if job.status == "validating_files":
-                problem = _check_files(session, job)
-                if problem:
-                    _fail(session, job, "invalid_training_file", problem, f"Job failed: {problem}",
-                          param="training_file")
-                    message.sent_at = now()
-                    continue
-                job.status = "queued"
-                add_event(session, job.id, "Files validated; job queued.")
-            session.commit()  # the job is queued before any worker can see the message
             message.attempts += 1
             try:
                 send_train(job.id)
             except Exception as exc:  # broker down: the row stays unsent and is retried
                 message.last_error = f"{exc.__class__.__name__}: {exc}"
                 log.warning("dispatch of %s failed: %s", job.id, exc)
-                session.commit()
                 break
             message.sent_at = job.dispatched_at = now()
-            session.commit()
             sent += 1
     return sent
 
 
 def _redispatch(session: Session, job: Job, reason: str, message: str) -> None:
     session.add(OutboxMessage(job_id=job.id, task=TRAIN_TASK, reason=reason))
-    job.dispatched_at = now()
+    job.dispatched_at = None  # waiting again: the dispatcher sends it when a worker has room
     add_event(session, job.id, message, level="warn")
 
 
@@ -121,36 +174,30 @@ def reconcile(settings: Settings, session_factory=session_scope) -> dict[str, in
                 _redispatch(session, job, "lease_expired",
                             "The worker running this job stopped renewing its lease. Re-dispatching.")
                 counts["redispatched"] += 1
+        forget_dead_workers(session, settings.lease_seconds)
     return counts
 
 
 class DispatchLoop:
-    """A background thread that drains the outbox and reconciles, until stopped."""
+    """Drains the outbox every `dispatch_interval_seconds` and reconciles every `reconcile_interval_seconds`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="patchbay-dispatch", daemon=True)
+        self._last_reconcile = 0.0
+        self._loop = Periodic("patchbay-dispatch", settings.dispatch_interval_seconds, self._tick)
 
     def start(self) -> None:
         """Start the loop."""
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop the loop and wait for it."""
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._loop.stop()
 
-    def _run(self) -> None:
-        last_reconcile = 0.0
-        while not self._stop.is_set():
-            try:
-                dispatch_pending()
-                if now() - last_reconcile >= self.settings.reconcile_interval_seconds:
-                    last_reconcile = now()
-                    counts = reconcile(self.settings)
-                    if any(counts.values()):
-                        log.info("reconciler: %s", counts)
-            except Exception:  # keep the loop alive through database hiccups
-                log.exception("dispatch loop error")
-            self._stop.wait(self.settings.dispatch_interval_seconds)
+    def _tick(self) -> None:
+        dispatch_pending(self.settings)
+        if now() - self._last_reconcile >= self.settings.reconcile_interval_seconds:
+            self._last_reconcile = now()
+            counts = reconcile(self.settings)
+            if any(counts.values()):
+                log.info("reconciler: %s", counts)

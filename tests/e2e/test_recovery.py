@@ -6,7 +6,10 @@ import time
 
 import pytest
 import redis
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
+from core.workers import heartbeat_worker
 from tests.support.flows import FAST_QLORA, upload_with_curl, write_dataset
 from tests.support.services import all_events, make_stack, wait_for_status
 
@@ -64,12 +67,20 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(stack, tmp_path):
     assert [m["id"] for m in models] == [final["fine_tuned_model"]]
 
 
-def test_lost_queue_message_is_redispatched(stack, tmp_path, redis_url):
+def test_lost_queue_message_is_redispatched(stack, tmp_path, postgres_url, redis_url):
     job_id = _create(stack, tmp_path, FAST_QLORA, epochs=1)
+    broker = redis.Redis.from_url(redis_url)
+    engine = create_engine(postgres_url)
+    with Session(engine) as session:  # a worker slot on offer, so the dispatcher sends the message
+        heartbeat_worker(session, "about-to-vanish", 1)
+        session.commit()
+    engine.dispose()
+    deadline = time.monotonic() + 30
+    while not broker.llen("train") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broker.llen("train") == 1
     with stack.client() as client:
-        wait_for_status(client, job_id, ("queued",), timeout=30, stack=stack)
-        time.sleep(0.5)  # the dispatcher marks the message sent right after queuing
-        redis.Redis.from_url(redis_url).flushdb()  # the broker forgets the message
+        broker.flushdb()  # the broker forgets the message
         stack.start_worker()
         final = wait_for_status(client, job_id, ("succeeded", "failed"), stack=stack)
         assert final["status"] == "succeeded", (final, stack.logs())
