@@ -39,6 +39,10 @@ class AdapterCapacityError(AdapterLoadError):
     """Every adapter slot is held by a pinned adapter or by in-flight requests."""
 
 
+class AdapterPinLimitError(AdapterCapacityError):
+    """Pinning one more adapter would take more than half of the slots."""
+
+
 class AdapterInUseError(RuntimeError):
     """The adapter cannot be unloaded while requests are using it."""
 
@@ -105,6 +109,7 @@ class AdapterManager:
             raise ValueError(f"max_loaded_adapters must be between 1 and the bank's {bank.n_slots} slots")
         self._bank = bank
         self.max_loaded_adapters = max_loaded_adapters
+        self.max_pinned = max_loaded_adapters // 2
         self._entries: dict[str, _Entry] = {}
         self._changed = threading.Condition()
         self._clock = itertools.count(1)
@@ -118,6 +123,8 @@ class AdapterManager:
         """
         waited_on: _Entry | None = None
         with self._changed:
+            if pinned:
+                self._check_pin_room(name)
             while True:
                 entry = self._entries.get(name)
                 if entry is not None and entry is waited_on and entry.state is AdapterState.ERRORED:
@@ -216,7 +223,20 @@ class AdapterManager:
             entry = self._entries.get(name)
             if entry is None:
                 raise AdapterNotReadyError(f"adapter {name!r} is not loaded")
+            if pinned:
+                self._check_pin_room(name)
             entry.pinned = pinned
+
+    def _check_pin_room(self, name: str) -> None:
+        """Pinned adapters may hold at most half of the slots, so every team's adapters can still load (lock held)."""
+        entry = self._entries.get(name)
+        if entry is not None and entry.pinned:
+            return
+        pinned = sum(1 for e in self._entries.values() if e.pinned)
+        if pinned >= self.max_pinned:
+            raise AdapterPinLimitError(
+                f"cannot pin {name!r}: pinned adapters may take at most {self.max_pinned} of the "
+                f"{self.max_loaded_adapters} slots ({pinned} pinned), so other teams' adapters can always load")
 
     def acquire(self, name: str) -> int:
         """Hold a ready adapter for one request (it cannot be evicted until `release`); returns its slot."""

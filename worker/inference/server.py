@@ -74,8 +74,12 @@ def create_inference_app() -> FastAPI:
     async def load(body: dict) -> dict:
         """Load (and pin) one adapter version; idempotent."""
         ref = AdapterRef.model_validate(body["adapter"])
+        from worker.inference.adapters import AdapterPinLimitError
+
         try:
             await asyncio.to_thread(service().ensure, ref, bool(body.get("pinned")))
+        except AdapterPinLimitError as exc:
+            raise ApiError(409, str(exc), param="lora_name", code="pin_limit") from None
         except Exception as exc:
             raise invalid(f"adapter {ref.id} could not be loaded: {exc}", "lora_path", "adapter_load_failed") from None
         return {"adapter_id": ref.id, "state": service().engine.adapters.states().get(ref.id)}

@@ -132,4 +132,10 @@ class InferenceService:
             if ref is None:
                 log.error("pinned adapter %s is not in the registry", ref_text)
                 continue
-            self.ensure(ref, pinned=True)
+            from worker.inference.adapters import AdapterPinLimitError
+
+            try:
+                self.ensure(ref, pinned=True)
+            except AdapterPinLimitError as exc:
+                log.error("%s; %s stays unpinned", exc, ref_text)
+                self.ensure(ref)

@@ -12,6 +12,7 @@ from worker.inference.adapters import (
     AdapterCapacityError,
     AdapterInUseError,
     AdapterNotReadyError,
+    AdapterPinLimitError,
 )
 from worker.inference.engine import GenerationRequest, InferenceEngine
 
@@ -129,6 +130,24 @@ def test_pinned_and_in_use_adapters_are_never_evicted(capped_engine, lora_dirs, 
     assert sorted(adapters.loaded()) == ["A", "B"]
     assert capped_engine.generate(GenerationRequest(prompts[0], "A", 12, temperature=0.0)).token_ids == expected["A"]
     adapters.set_pinned("A", False)
+
+
+def test_pinned_adapters_take_at_most_half_of_the_slots(capped_engine, lora_dirs):
+    reset(capped_engine)
+    adapters = capped_engine.adapters
+    adapters.ensure("A", lambda: lora_dirs["A"], pinned=True)
+    adapters.ensure("A", lambda: lora_dirs["A"], pinned=True)  # idempotent: A is already pinned
+    with pytest.raises(AdapterPinLimitError, match="at most 1 of the 2 slots"):
+        adapters.ensure("B", lambda: lora_dirs["B"], pinned=True)
+    adapters.ensure("B", lambda: lora_dirs["B"])  # unpinned, it loads
+    with pytest.raises(AdapterPinLimitError):
+        adapters.set_pinned("B", True)
+    for name in ("C", "D"):  # every other team's adapter can still take the free slot
+        adapters.ensure(name, lambda name=name: lora_dirs[name])
+        assert sorted(adapters.loaded()) == ["A", name]
+    adapters.set_pinned("A", False)
+    adapters.set_pinned("D", True)  # the pin's room is free again
+    adapters.set_pinned("D", False)
 
 
 @pytest.mark.parametrize(
