@@ -25,6 +25,7 @@ def real_stack(tmp_path_factory, postgres_url, redis_url, tiny_model_dir, smollm
     stack = make_stack(tmp, postgres_url, redis_url, tiny_model_dir, PATCHBAY_INFERENCE_URL=f"http://127.0.0.1:{port}")
     stack.cli("models", "add", "smollm2-135m-instruct", str(smollm2_dir))
     stack.key = stack.cli("team", "create", "acme", "--admin").splitlines()[-1]  # as `make run`'s key is
+    stack.cli("team", "create", "default")  # the team `make run` creates, which the README's admin example names
     try:
         stack.start_api()
         stack.start_worker()
@@ -63,9 +64,9 @@ def test_every_readme_curl_example_works(real_stack, smollm2_dir, tmp_path):
     (tmp_path / "my-peft-adapter.tar.gz").write_bytes(tar_gz(adapter))
     env = {**os.environ, "PB": real_stack.base_url, "KEY": real_stack.key}
     blocks = readme_examples()
-    assert set(blocks) == {"files", "jobs", "adapters", "health"}
+    assert set(blocks) == {"files", "jobs", "adapters", "health", "admin"}
     ran = 0
-    for name in ("health", "files", "jobs", "adapters"):
+    for name in ("health", "files", "jobs", "adapters", "admin"):
         if name == "jobs":  # the files block ended by deleting its upload
             env["FILE_ID"] = json.loads(run_example(blocks["files"][0], env, tmp_path))["id"]
         for index, command in enumerate(blocks[name]):
