@@ -437,6 +437,7 @@ def not_in_image(requirements: list[str]) -> list[str]:
 # Imported at interpreter start (after .pth files) in every emulated container.
 IMAGE_SITECUSTOMIZE = """\
 import importlib.abc
+import importlib.machinery
 import sys
 
 # The venv's editable install points at the repo; the image has only what it COPYs (on PYTHONPATH).
@@ -446,14 +447,21 @@ _MISSING = frozenset({missing!r})
 
 
 class _NotInImage(importlib.abc.MetaPathFinder):
-    # Packages the image does not install cannot be imported (optional imports then fall back).
+    # Packages the image does not install are not found, exactly as if absent: `import` raises
+    # ModuleNotFoundError and `importlib.util.find_spec` answers None (optional imports then fall back).
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in _MISSING:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (not installed in this image)", name=name)
-        return None
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+    def find_distributions(self, *args, **kwargs):  # importlib.metadata still sees installed metadata
+        return importlib.machinery.PathFinder.find_distributions(*args, **kwargs)
+
+    def invalidate_caches(self):
+        importlib.machinery.PathFinder.invalidate_caches()
 
 
-sys.meta_path.insert(0, _NotInImage())
+sys.meta_path[:] = [_NotInImage() if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 """
 
 
