@@ -19,6 +19,7 @@ import secrets
 from urllib.parse import parse_qsl
 
 import anyio
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ApiError, error_response
@@ -29,7 +30,10 @@ STREAMED_UPLOADS = {"/v1/files", "/v1/adapters/import"}
 CHAT_ROUTES = {"/v1/chat/completions", "/v1/completions"}
 MULTIPART_SLACK_BYTES = 1024 * 1024
 """Room for multipart boundaries and form fields around an upload's file part."""
-_SUSPECT_ESCAPE = re.compile(rb"\\u(0000|d[89a-f][0-9a-f]{2})", re.IGNORECASE)
+# A JSON escape of NUL, or of a surrogate that is not half of a pair (valid pairs, which encoders that
+# escape non-ASCII send for every emoji, decode to a storable character).
+_SUSPECT_ESCAPE = re.compile(rb"\\u0000|\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})"
+                             rb"|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}", re.IGNORECASE)
 
 
 def unstorable_text(value: str) -> bool:
@@ -188,7 +192,7 @@ class AsgiEdge:
             return body.receive
         data = await body.read_all()
         if _SUSPECT_ESCAPE.search(data):
-            self._refuse_unstorable_json(data)
+            await run_in_threadpool(self._refuse_unstorable_json, data)
         replayed = False
 
         async def replay() -> Message:
