@@ -44,19 +44,25 @@ def _all_succeed(stack, key: str, job_ids: list[str]) -> None:
             assert final["status"] == "succeeded", (final, stack.logs())
 
 
-def test_a_team_that_queues_later_starts_second_with_one_worker(tmp_path, tiny_model_dir, postgres_url, redis_url):
-    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir)
+def _train(stack, tmp_path, database_url: str, jobs_of_a: int, jobs_of_b: int):
+    """Team A queues its jobs, then team B; a worker starts; every job trains. Returns A's and B's job ids and
+    each job's (started_at, finished_at)."""
     stack.start_api()
     team_a, team_b = stack.key, stack.cli("team", "create", "globex").splitlines()[-1]
     try:
-        jobs_a = _queue(stack, team_a, _upload(stack, tmp_path, team_a, 0), 3)
-        jobs_b = _queue(stack, team_b, _upload(stack, tmp_path, team_b, 1), 1)
+        jobs_a = _queue(stack, team_a, _upload(stack, tmp_path, team_a, 0), jobs_of_a)
+        jobs_b = _queue(stack, team_b, _upload(stack, tmp_path, team_b, 1), jobs_of_b)
         stack.start_worker()
         _all_succeed(stack, team_a, jobs_a)
         _all_succeed(stack, team_b, jobs_b)
-        timeline = _timeline(postgres_url, jobs_a + jobs_b)
+        return jobs_a, jobs_b, _timeline(database_url, jobs_a + jobs_b)
     finally:
         stack.stop()
+
+
+def test_a_team_that_queues_later_starts_second_with_one_worker(tmp_path, tiny_model_dir, postgres_url, redis_url):
+    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir)
+    jobs_a, jobs_b, timeline = _train(stack, tmp_path, postgres_url, 3, 1)
     started = sorted(timeline, key=lambda job_id: timeline[job_id][0])
     assert started == [jobs_a[0], jobs_b[0], jobs_a[1], jobs_a[2]], (started, jobs_a, jobs_b)
 
@@ -65,17 +71,7 @@ def test_a_team_at_its_running_limit_never_runs_two_jobs_at_once(tmp_path, tiny_
                                                                  redis_url):
     stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir, PATCHBAY_TEAM_MAX_RUNNING_JOBS="1",
                        PATCHBAY_WORKER_CONCURRENCY="2")
-    stack.start_api()
-    team_a, team_b = stack.key, stack.cli("team", "create", "globex").splitlines()[-1]
-    try:
-        jobs_a = _queue(stack, team_a, _upload(stack, tmp_path, team_a, 0), 2)
-        jobs_b = _queue(stack, team_b, _upload(stack, tmp_path, team_b, 1), 1)
-        stack.start_worker()
-        _all_succeed(stack, team_a, jobs_a)
-        _all_succeed(stack, team_b, jobs_b)
-        timeline = _timeline(postgres_url, jobs_a + jobs_b)
-    finally:
-        stack.stop()
+    jobs_a, jobs_b, timeline = _train(stack, tmp_path, postgres_url, 2, 1)
     (a1_start, a1_end), (a2_start, _) = sorted(timeline[j] for j in jobs_a)
     assert a2_start >= a1_end, timeline  # A's second job waited for its first
     b_start, b_end = timeline[jobs_b[0]]
