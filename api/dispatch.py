@@ -119,6 +119,9 @@ def dispatch_pending(settings: Settings | None = None, session_factory=session_s
         for message_id in fair_order(_team_queues(session, settings, free), free, now()):
             message = session.get(OutboxMessage, message_id)
             job = session.get(Job, message.job_id)
+            if job.dispatched_at is not None:  # a second row of a job sent in this pass (resumed twice, say)
+                message.sent_at = now()
+                continue
             message.attempts += 1
             try:
                 send_train(job.id)

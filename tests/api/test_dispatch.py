@@ -146,3 +146,11 @@ def test_a_team_at_its_running_limit_waits_while_others_use_the_free_slots(api, 
     with session_scope() as session:  # an admin lifts B's limit
         session.scalar(select(Team).where(Team.name == "globex")).max_running_jobs = 0
     assert dispatch_pending() == 1 and len(_sent(team_b)) == 2 and len(_sent(team_a)) == 1
+
+
+def test_a_job_with_two_waiting_messages_is_sent_once(job_id):
+    with session_scope() as session:
+        session.add(OutboxMessage(job_id=job_id, task="patchbay.train", reason="resumed"))
+    offer_worker_slots(2)
+    assert dispatch_pending() == 1
+    assert all(m.sent_at is not None for m in _outbox(job_id))
