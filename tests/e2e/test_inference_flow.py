@@ -228,3 +228,27 @@ def test_a_dora_job_serves_like_plain_peft(served):
     served.folders["dora"] = served.download("dora@1")
     assert json.loads((served.folders["dora"] / "adapter_config.json").read_text())["use_dora"] is True
     assert served.text(done["fine_tuned_model"]) == reference(served, "dora")
+
+
+def test_generated_tokens_per_minute_are_limited_per_team_streamed_or_not(served):
+    stack = served.stack
+    port = free_port()
+    stack._start_server("api", port, 60, PATCHBAY_TEAM_TOKENS_PER_MINUTE="20")
+    other = stack.cli("team", "create", "tokens-other").splitlines()[-1]
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": TOKENS,
+            "temperature": 0}
+
+    def chat(key: str, stream: bool = False) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, "stream": stream},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+    first, second, third = chat(stack.key), chat(stack.key), chat(stack.key)
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert first.json()["usage"]["completion_tokens"] == TOKENS  # 24 tokens > 20: the third waits
+    assert third.status_code == 429 and third.headers["x-ratelimit-limit-tokens"] == "20", third.text
+    assert 1 <= int(third.headers["retry-after"]) <= 60
+    streamed = chat(other, stream=True)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    assert '"usage"' not in streamed.text  # counted through the usage chunk, which the client did not ask for
+    assert chat(other, stream=True).status_code == 200
+    assert chat(other, stream=True).status_code == 429  # the other team's own count
