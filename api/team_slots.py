@@ -18,9 +18,9 @@ class TeamSlots:
         self._held: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def in_use(self, team_id: str) -> int:
-        """How many slots the team holds now."""
-        return self._held[team_id]
+    def held(self) -> int:
+        """How many slots all teams hold now."""
+        return sum(self._held.values())
 
     def check(self, team_id: str, team_name: str, limit: int) -> None:
         """429 when the team holds all its slots."""
