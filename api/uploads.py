@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from core.db import session_scope
 from core.errors import ApiError, invalid
 from core.models import Team
-from core.quotas import storage_full, storage_left, storage_used
+from core.quotas import storage_full, storage_room
 from core.settings import Settings
 
 MAX_FIELD_BYTES = 4096
@@ -130,11 +130,11 @@ class _FormSink:
 def upload_allowance(team: Team, settings: Settings) -> tuple[int, Callable[[int], ApiError]]:
     """The largest file the team may upload now, and the error past it: the upload limit, or the storage quota."""
     with session_scope() as session:
-        room = storage_left(session, team, settings)
-        used = storage_used(session, team.id) if room is not None else 0
-    if room is None or room >= settings.max_upload_bytes:
+        quota = storage_room(session, team, settings)
+    if quota is None or quota[0] - quota[1] >= settings.max_upload_bytes:
         return settings.max_upload_bytes, too_large(settings.max_upload_bytes)
-    return room, lambda size: storage_full(team, room + used, used)
+    limit, used = quota
+    return limit - used, lambda size: storage_full(team, limit, used)
 
 
 def too_large(limit: int) -> Callable[[int], ApiError]:

@@ -76,15 +76,15 @@ def check_queued_jobs(session: Session, team: Team, settings: Settings) -> None:
                           f"{current} job(s) already wait to train; wait for one to start or cancel one")
 
 
-def storage_left(session: Session, team: Team, settings: Settings) -> int | None:
-    """Bytes the team may still store (None: unlimited); 413 when nothing is left."""
+def storage_room(session: Session, team: Team, settings: Settings) -> tuple[int, int] | None:
+    """The team's storage limit and the bytes it uses (None: unlimited); 413 when nothing is left."""
     limit = limits_for(team, settings).storage_bytes
     if not limit:
         return None
     used = storage_used(session, team.id)
     if used >= limit:
         raise storage_full(team, limit, used)
-    return limit - used
+    return limit, used
 
 
 def storage_full(team: Team, limit: int, current: int) -> ApiError:
