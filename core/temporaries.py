@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.db import session_scope
 from core.models import Adapter, Checkpoint, File
@@ -60,6 +61,20 @@ def instance_name() -> str:
 def temp_key(name: str) -> str:
     """A storage key private to this process, for an object whose row has not committed yet."""
     return f"{TEMP_PREFIX}/{instance_name()}/{name}"
+
+
+def commit_into_place(session: Session, storage: LocalStorage, temp: str, key: str) -> None:
+    """Rename the temporary `temp` to its final `key`, then commit the row that names it.
+
+    If the commit fails the object is removed again; a crash between the two leaves an object no row
+    refers to, which `sweep_unreferenced` removes.
+    """
+    storage.rename(temp, key)
+    try:
+        session.commit()
+    except BaseException:
+        storage.delete(key)
+        raise
 
 
 def scratch_dir(settings: Settings) -> Path:

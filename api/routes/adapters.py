@@ -25,7 +25,7 @@ from core.archives import ArchiveError, write_tar_gz
 from core.db import session_scope
 from core.errors import invalid, not_found
 from core.ids import new_id
-from core.models import Adapter, AdapterAliasEvent, BaseModelRecord
+from core.models import Adapter, AdapterAliasEvent, BaseModelRecord, Team
 from core.notify import announce
 from core.registry import (
     aliases_of,
@@ -38,7 +38,7 @@ from core.safetensors_header import count_folder_params
 from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.schemas.common import DeletedObject, ListPage
 from core.storage import folder_sha256, get_storage, sha256_file
-from core.temporaries import scratch_dir, temp_key
+from core.temporaries import commit_into_place, scratch_dir, temp_key
 
 router = team_router("/v1/adapters", "adapters")
 
@@ -110,7 +110,7 @@ async def _inspect(archive: Path, scratch: Path, base: BaseModelRecord, settings
         raise invalid(f"Adapter check '{exc.check}' failed: {exc}.", "file", f"adapter_{exc.check}") from None
 
 
-def _publish_import(team, name: str, base: BaseModelRecord, inspected: InspectedAdapter) -> Adapter:
+def _publish_import(team: Team, name: str, base: BaseModelRecord, inspected: InspectedAdapter) -> AdapterPublic:
     """Store the checked folder under a temporary key, and rename it into place as its row commits."""
     storage, folder, summary = get_storage(), inspected.folder, inspected.summary
     adapter_id = new_id("adapter")
@@ -130,12 +130,7 @@ def _publish_import(team, name: str, base: BaseModelRecord, inspected: Inspected
                 target_modules=summary.target_modules, trainable_params=summary.trainable_params,
                 base_params=count_folder_params(Path(base.path)), bytes=size,
                 sha256=sha, metrics={}, status="ready", source="import")
-            storage.rename(temp, key)
-            try:
-                session.commit()
-            except BaseException:
-                storage.delete(key)
-                raise
+            commit_into_place(session, storage, temp, key)
             public = _public(session, [row])[0]
     finally:
         storage.delete(temp)

@@ -22,7 +22,7 @@ from core.models import File, Job
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.files import FilePublic
 from core.storage import get_storage
-from core.temporaries import temp_key
+from core.temporaries import commit_into_place, temp_key
 
 router = team_router("/v1/files", "files")
 PURPOSES = ("fine-tune",)
@@ -49,16 +49,10 @@ def _checked_fields(result: UploadResult) -> str:
 
 def _record_file(row: File, temp: str) -> File:
     """Commit the file's row, renaming its temporary into place just before (removed again if the commit fails)."""
-    storage = get_storage()
     with session_scope() as session:
         session.add(row)
         session.flush()
-        storage.rename(temp, row.storage_key)
-        try:
-            session.commit()
-        except BaseException:
-            storage.delete(row.storage_key)
-            raise
+        commit_into_place(session, get_storage(), temp, row.storage_key)
     return row
 
 
