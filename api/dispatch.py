@@ -55,6 +55,7 @@ def _admit(session: Session) -> None:
     rows = session.execute(
         select(OutboxMessage, Job).join(Job, Job.id == OutboxMessage.job_id)
         .where(OutboxMessage.sent_at.is_(None), Job.status != "queued").order_by(OutboxMessage.id).limit(200)
+        .with_for_update(of=OutboxMessage, skip_locked=True)  # another API's dispatcher skips these rows
     ).all()
     for message, job in rows:
         if job.status not in ACTIVE_STATUSES:
