@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import Query
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
-from core.errors import invalid
-
-T = TypeVar("T")
 MAX_LIMIT = 100
 After = Annotated[str | None, Query(max_length=64, description="the id of the last item of the previous page")]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="items per page")]
 
 
-def check_limit(limit: int) -> int:
-    """Refuse limits outside 1..100."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise invalid(f"limit must be between 1 and {MAX_LIMIT}", "limit")
-    return limit
-
-
 def page_newest_first(session: Session, query: Select, model, after: str | None, limit: int) -> tuple[list, bool]:
-    """Rows of `query` ordered newest first, starting after the row with id `after`."""
-    check_limit(limit)
+    """Rows of `query` ordered newest first, starting after the row with id `after` (`Limit` bounds `limit`)."""
     if after:
         cursor = session.execute(select(model.created_at, model.id).where(model.id == after)).first()
         if cursor is not None:
