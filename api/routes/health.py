@@ -6,11 +6,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.routing import SessionRoute
 from core.db import get_engine
 from core.queue import get_celery
 
-router = APIRouter(tags=["health"], route_class=SessionRoute)
+router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")

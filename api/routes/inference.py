@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AdminTeam, CurrentTeam, KeyRateLimited, RateLimitsDep, SettingsDep
 from api.forwarding import UsageHook, adapter_headers, broadcast, forward
 from api.openapi import error_responses
-from api.routing import SessionRoute
 from core.db import session_scope
 from core.errors import ApiError, invalid
 from core.models import Team
@@ -27,7 +26,7 @@ from core.schemas.inference import (
     UnloadLoraAdapter,
 )
 
-router = APIRouter(prefix="/v1", tags=["inference"], route_class=SessionRoute)
+router = APIRouter(prefix="/v1", tags=["inference"])
 
 
 def _adapter_for(team_id: str, model: str) -> AdapterRef | None:
