@@ -50,12 +50,9 @@ def install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")\
-                    .pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components["ErrorResponse"] = ErrorResponse.model_json_schema(
-                ref_template="#/components/schemas/{model}")
-            components["ErrorResponse"].pop("$defs", None)
+            error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(error.pop("$defs", {}))
+            components["ErrorResponse"] = error
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
             for path, operations in schema.get("paths", {}).items():
