@@ -44,10 +44,20 @@ def _check_files(session: Session, job: Job) -> str | None:
     return None
 
 
-def _fail(session: Session, job: Job, code: str, message: str, event: str, param: str | None = None) -> None:
-    job.status, job.finished_at, job.lease_owner, job.lease_expires_at = "failed", now(), None, None
-    job.error = {"code": code, "message": message, "param": param}
+def _move(session: Session, job: Job, from_statuses: tuple[str, ...], **values) -> bool:
+    """Change the job only while it is still in one of `from_statuses`: a user's cancel or a worker's finish
+    that came first is never overwritten. True if it changed."""
+    result = session.execute(update(Job).where(Job.id == job.id, Job.status.in_(from_statuses)).values(**values))
+    return result.rowcount == 1
+
+
+def _fail(session: Session, job: Job, from_statuses: tuple[str, ...], code: str, message: str, event: str,
+          param: str | None = None) -> bool:
+    if not _move(session, job, from_statuses, status="failed", finished_at=now(), lease_owner=None,
+                 lease_expires_at=None, error={"code": code, "message": message, "param": param}):
+        return False
     add_event(session, job.id, event, level="error")
+    return True
 
 
 def _admit(session: Session) -> None:
@@ -63,11 +73,11 @@ def _admit(session: Session) -> None:
             continue
         problem = _check_files(session, job)
         if problem:
-            _fail(session, job, "invalid_training_file", problem, f"Job failed: {problem}", param="training_file")
+            _fail(session, job, ("validating_files",), "invalid_training_file", problem, f"Job failed: {problem}",
+                  param="training_file")
             message.sent_at = now()
-            continue
-        job.status = "queued"
-        add_event(session, job.id, "Files validated; job queued.")
+        elif _move(session, job, ("validating_files",), status="queued"):
+            add_event(session, job.id, "Files validated; job queued.")
     session.commit()
 
 
@@ -146,11 +156,10 @@ def reconcile(settings: Settings, session_factory=session_scope) -> dict[str, in
     counts = {"redispatched": 0, "failed": 0}
     t = now()
     with session_factory() as session:
-        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.deadline_at < t)):
-            _fail(session, job, "deadline_exceeded",
-                  f"The job did not finish within {settings.job_deadline_seconds} seconds.",
-                  "Job failed: deadline exceeded.")
-            counts["failed"] += 1
+        for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.deadline_at < t)).all():
+            counts["failed"] += _fail(session, job, ACTIVE_STATUSES, "deadline_exceeded",
+                                      f"The job did not finish within {settings.job_deadline_seconds} seconds.",
+                                      "Job failed: deadline exceeded.")
         session.flush()
 
         stale_before = t - settings.redispatch_after_seconds
@@ -162,12 +171,12 @@ def reconcile(settings: Settings, session_factory=session_scope) -> dict[str, in
                         "No worker took the job; the queue message may have been lost. Re-dispatching.")
             counts["redispatched"] += 1
 
-        expired = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t))
+        expired = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t)).all()
         for job in expired:
             if job.attempts >= MAX_ATTEMPTS:
-                _fail(session, job, "worker_lost", f"The worker stopped responding {job.attempts} times; giving up.",
-                      "Job failed: its worker was lost too many times.")
-                counts["failed"] += 1
+                counts["failed"] += _fail(session, job, ("running",), "worker_lost",
+                                          f"The worker stopped responding {job.attempts} times; giving up.",
+                                          "Job failed: its worker was lost too many times.")
                 continue
             # Back to queued so the next worker can take it, then resume from its checkpoint.
             result = session.execute(update(Job).where(Job.id == job.id, Job.status == "running",
