@@ -71,7 +71,7 @@ def test_the_cli_shows_and_overrides_limits(api_with, tmp_path):
 
     from typer.testing import CliRunner
 
-    from core.cli import app
+    from patchbay_cli import app
 
     api_with()
     runner = CliRunner()

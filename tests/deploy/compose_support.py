@@ -39,7 +39,7 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 PYPROJECT = REPO_ROOT / "pyproject.toml"
-PROJECT_PACKAGES = ("core", "api", "worker", "demo", "migrations")
+PROJECT_PACKAGES = ("core", "api", "worker", "demo", "migrations", "patchbay_cli")
 
 # ---------------------------------------------------------------------------------------------
 # Interpolation (compose's `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def _serve(data_dir, port: int, inference_port: int, log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
     env.update(PATCHBAY_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "core.cli", "serve", "--port", str(port),
+    return subprocess.Popen([sys.executable, "-m", "patchbay_cli", "serve", "--port", str(port),
                              "--inference-port", str(inference_port)], env=env, cwd=REPO_ROOT, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -115,14 +115,14 @@ class PatchbayStack:
 
     def cli(self, *args: str) -> str:
         """Run a `patchbay` command to completion and return its stdout."""
-        done = subprocess.run([sys.executable, "-m", "core.cli", *args], env=self.env, cwd=REPO_ROOT,
+        done = subprocess.run([sys.executable, "-m", "patchbay_cli", *args], env=self.env, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
     def _spawn(self, *args: str, log_name: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.data_dir / f"{log_name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "core.cli", *args], env={**self.env, **extra_env}, cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "patchbay_cli", *args], env={**self.env, **extra_env}, cwd=REPO_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
         return proc

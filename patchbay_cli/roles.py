@@ -1,4 +1,4 @@
-"""The `patchbay` command line: run roles, migrate, manage teams and base models."""
+"""The commands that run Patchbay's roles: migrate, api, worker, inference, serve and demo."""
 
 from __future__ import annotations
 
@@ -7,15 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="Patchbay: self-hosted fine-tuning and multi-adapter serving.", no_args_is_help=True)
-team_app = typer.Typer(help="Manage teams and their API keys.", no_args_is_help=True)
-models_app = typer.Typer(help="Manage base models.", no_args_is_help=True)
-app.add_typer(team_app, name="team")
-app.add_typer(models_app, name="models")
 
 HostOption = typer.Option("127.0.0.1", help="address to bind")
 PortOption = typer.Option(8000, help="port to bind")
@@ -66,72 +61,6 @@ def worker(concurrency: int = typer.Option(None, help="jobs run at once (default
     ])
 
 
-@team_app.command("create")
-def team_create(name: str, admin: bool = typer.Option(False, help="the key may manage adapters at runtime")) -> None:
-    """Create a team (or reuse it) and print a new API key on stdout."""
-    from core.auth import create_api_key, create_team
-    from core.db import session_scope
-
-    with session_scope() as session:
-        team = create_team(session, name)
-        key = create_api_key(session, team, is_admin=admin)
-    typer.echo(key)
-
-
-def _limit_value(text: str | None) -> int | None:
-    return None if text in (None, "default") else int(text)
-
-
-@team_app.command("limits")
-def team_limits(
-    name: str,
-    max_running_jobs: str = typer.Option(None, help="jobs training at once (0: unlimited, 'default')"),
-    max_queued_jobs: str = typer.Option(None, help="jobs waiting to train (0: unlimited, 'default')"),
-    storage_bytes: str = typer.Option(None, help="bytes of files and adapters (0: unlimited, 'default')"),
-    requests_per_minute: str = typer.Option(None, help="inference requests per minute (0: unlimited, 'default')"),
-    tokens_per_minute: str = typer.Option(None, help="generated tokens per minute (0: unlimited, 'default')"),
-) -> None:
-    """Show a team's limits, or override some ('default' puts one back to the settings' value)."""
-    import json
-
-    from sqlalchemy import select
-
-    from core.db import session_scope
-    from core.models import Team
-    from core.quotas import LIMIT_NAMES, describe_limits, set_team_limits
-    from core.settings import get_settings
-
-    given = dict(zip(LIMIT_NAMES, (max_running_jobs, max_queued_jobs, storage_bytes, requests_per_minute,
-                                   tokens_per_minute)))
-    try:
-        changes = {limit: _limit_value(value) for limit, value in given.items() if value is not None}
-        with session_scope() as session:
-            team = session.scalar(select(Team).where(Team.name == name))
-            if team is None:
-                raise ValueError(f"no team named {name!r}")
-            set_team_limits(session, team, changes)
-            shown = describe_limits(session, team, get_settings())
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(json.dumps(shown, indent=2))
-
-
-@models_app.command("add")
-def models_add(model_id: str, path: Path) -> None:
-    """Register a local Hugging Face model folder as a base model."""
-    from core.base_models import BaseModelError, register_base_model
-    from core.db import session_scope
-
-    try:
-        with session_scope() as session:
-            record = register_base_model(session, model_id, path)
-            typer.echo(f"registered {record.id} -> {record.path} (sha256 {record.sha256[:12]}…)")
-    except BaseModelError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-
 def _default_key() -> str:
     """The default team's key, created once and kept in the data dir for local use."""
     from core.auth import create_api_key, create_team
@@ -162,7 +91,7 @@ def serve(host: str = HostOption, port: int = PortOption,
     if get_settings().inference_base_model == DEFAULT_BASE_MODEL:
         typer.echo("preparing the default base model (converted once, then reused)…")
         ensure_default_base_model(get_settings().data_dir)
-    exe = [sys.executable, "-m", "core.cli"]
+    exe = [sys.executable, "-m", "patchbay_cli"]
     env = {**os.environ, "PATCHBAY_INFERENCE_URL": os.environ.get(
         "PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")}
     children = [
@@ -205,6 +134,3 @@ def demo(url: str = typer.Option("http://127.0.0.1:8000", help="a running Patchb
         typer.echo("the adapter did not clearly learn the behaviour", err=True)
         raise typer.Exit(1)
 
-
-if __name__ == "__main__":
-    app()
