@@ -106,10 +106,15 @@ class _Unpacker:
         self.files.append(parts)
         return parts if len(parts) <= 2 and parts[-1] in KEPT_FILES else None
 
-    def write(self, parts: tuple[str, ...], name: str, open_member: Callable[[], IO[bytes]]) -> None:
-        """Copy one member's data to a staging file, counting the real bytes against the limit."""
+    def stage(self, parts: tuple[str, ...]) -> Path:
+        """The staging file one kept member is written to (renamed by `finish`)."""
         staged = self.folder / f".member-{len(self.staged)}"
         self.staged.append((parts, staged))
+        return staged
+
+    def write(self, parts: tuple[str, ...], name: str, open_member: Callable[[], IO[bytes]]) -> None:
+        """Copy one member's data to a staging file, counting the real bytes against the limit (zip sizes may lie)."""
+        staged = self.stage(parts)
         with _decoding(f"archive entry {shown(name)}"):
             source = open_member()
         with source, open(staged, "wb") as out:
@@ -211,30 +216,40 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
     return "file" if member.isreg() else f"special entry (type {member.type!r})"
 
 
+def _tar_filter(unpacker: _Unpacker):
+    """An extraction filter: our rules (names, kinds, limits, kept files), then tarfile's own `data` filter."""
+
+    def screen(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        parts = unpacker.admit(member.name, _tar_kind(member), member.size)
+        if parts is None:
+            return None  # folders, and files that are not the adapter's: read past, never written
+        try:
+            member = tarfile.data_filter(member, dest)
+        except tarfile.FilterError as exc:
+            raise ArchiveError(f"archive entry {shown(member.name)} is refused ({exc})") from None
+        return member.replace(name=unpacker.stage(parts).name, deep=False)
+
+    return screen
+
+
 def _unpack_tar(archive: Path, magic: bytes, unpacker: _Unpacker) -> None:
     compression = next(((kind, opener) for prefix, (kind, opener) in _COMPRESSIONS.items()
                         if magic.startswith(prefix)), None)
     what = f"the {compression[0]}-compressed archive" if compression else "the archive"
     with open(archive, "rb") as raw:
         source = compression[1](raw) if compression else raw
+        # Tar members are exactly their declared size, which `admit` has counted; the cap bounds the rest.
         stream = _CappedReader(source, unpacker.max_bytes + TAR_OVERHEAD_BYTES)
         with _decoding(what):
             try:  # opening reads the first header
                 tf = tarfile.open(fileobj=stream, mode="r|", tarinfo=_GuardedTarInfo, encoding="utf-8",
-                                  errors="surrogateescape")
+                                  errors="surrogateescape", errorlevel=2)
             except tarfile.ReadError as exc:
                 if compression:
                     raise ArchiveError(f"{what} does not hold a readable tar archive ({exc})") from None
                 raise ArchiveError("the upload is neither a tar (plain, gz, bz2 or xz) nor a zip archive") from None
-        with tf:
-            while True:
-                with _decoding(what):
-                    member = tf.next()
-                if member is None:
-                    break
-                parts = unpacker.admit(member.name, _tar_kind(member), member.size)
-                if parts is not None:
-                    unpacker.write(parts, member.name, lambda member=member: tf.extractfile(member))
+        with tf, _decoding(what):
+            tf.extractall(unpacker.folder, filter=_tar_filter(unpacker))
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
