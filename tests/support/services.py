@@ -122,8 +122,8 @@ class PatchbayStack:
 
     def _spawn(self, *args: str, log_name: str, **extra_env: str) -> subprocess.Popen:
         log = open(self.data_dir / f"{log_name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "patchbay_cli", *args], env={**self.env, **extra_env}, cwd=REPO_ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "patchbay_cli", *args], env={**self.env, **extra_env},
+                                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(proc)
         return proc
 
