@@ -1,4 +1,5 @@
-"""The layers import downwards only: core/ is shared by every role, api/ never reaches into the worker.
+"""The layers import downwards only: core/ is shared by every role, api/ never reaches into the worker,
+and training and inference meet only in the neutral worker modules (formats, device, model parts, loading).
 
 Every import statement counts, including the lazy ones inside functions.
 """
@@ -17,6 +18,7 @@ FORBIDDEN = {
     "api": {"worker", "demo", "patchbay_cli"},
     "worker/training": {"worker.inference"},
     "worker/inference": {"worker.training"},
+    "worker/formats": {"worker.training", "worker.inference"},
 }
 
 

@@ -51,9 +51,9 @@ def _greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int
 def _measure(request: dict, case: dict, stop_ids: set[int]) -> dict:
     import torch
 
+    from worker.base_loading import load_base_model
+    from worker.device import choose_device
     from worker.training.artifacts import load_trained_model, probe_logits
-    from worker.training.device import DeviceChoice
-    from worker.training.model import load_base_model
 
     base_dir, quantization = request["base_dir"], case["quantization"]
     probe = case.get("probe") or json.loads((Path(case["dir"]) / "patchbay.json").read_text())["probe"]
@@ -61,7 +61,7 @@ def _measure(request: dict, case: dict, stop_ids: set[int]) -> dict:
     with torch.no_grad():
         model = load_trained_model(base_dir, case["dir"], quantization=quantization, device="cpu")
         logits = probe_logits(model, torch.tensor([probe["input_ids"]]))[0]
-        base = load_base_model(base_dir, quantization, DeviceChoice(torch.device("cpu"), torch.float32))
+        base = load_base_model(base_dir, quantization, choose_device("cpu"), training=True)
         base_logits = probe_logits(base, torch.tensor([probe["input_ids"]]))[0]
         report = {
             "reload_diff": (logits[: len(recorded), probe["vocab_ids"]] - recorded).abs().max().item(),

@@ -81,10 +81,10 @@ def save_bottleneck(dest: Path, *, hidden: int, layers: int, size: int = 8, plac
 
 def add_sparse_deltas(folder: Path, deltas: dict[str, torch.Tensor], *, added: tuple[str, ...] = (),
                       kind: str = "modules") -> Path:
-    """Write sparse-delta files beside an artifact with the training side's writer (`worker.sparse_deltas`):
+    """Write sparse-delta files beside an artifact with the training side's writer (`worker.formats.sparse_deltas`):
     `deltas` by parameter name; names in `added` are biases the base lacks. Mostly-zero deltas are stored as
     indices, the others dense (the writer picks the smaller)."""
-    from worker.sparse_deltas import ParamDelta, write_sparse_deltas
+    from worker.formats.sparse_deltas import ParamDelta, write_sparse_deltas
 
     params = {name: ParamDelta(delta, added=name in added) for name, delta in deltas.items()}
     write_sparse_deltas(folder, kind, params, candidate_entries=sum(d.numel() for d in deltas.values()))
@@ -94,13 +94,13 @@ def add_sparse_deltas(folder: Path, deltas: dict[str, torch.Tensor], *, added: t
 def reference_model(model_dir: Path, adapter_dir: Path | None, *, quantization: str = "none",
                     sparse: bool = False, bottleneck: bool = False):
     """The base (fp32, or 4-bit NF4 + DQ) with the artifact applied as training applies it: by peft, or for the
-    bottleneck format by `worker.bottleneck`; `sparse`: its sparse deltas (`worker.sparse_deltas`) change the
+    bottleneck format by `bottleneck_module`; `sparse`: its sparse deltas (`sparse_apply`) change the
     base parameters first."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from worker.bottleneck import load_bottleneck_adapters
-    from worker.sparse_deltas import apply_sparse_deltas
+    from worker.training.methods.bottleneck_module import load_bottleneck_adapters
+    from worker.training.techniques.sparse_apply import apply_sparse_deltas
 
     kwargs = {}
     if quantization == "nf4-dq":

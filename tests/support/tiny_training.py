@@ -6,29 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from worker.base_loading import load_base_model
+from worker.device import DeviceChoice
 
 
 def load_tiny(
     model_dir: Path, *, quantization: str = "none", skip_modules: list[str] | None = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """The tiny causal LM on CPU (float32 unless asked), frozen, in training mode; NF4 (+double quant)
-    if asked."""
-    quant = None
-    if quantization != "none":
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=quantization == "nf4-dq",
-            bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=skip_modules,
-        )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, quantization_config=quant,
-        device_map={"": "cpu"} if quant is not None else None, use_safetensors=True,
-    )
-    model.config.use_cache = False
+    """The tiny causal LM loaded as training loads it, on CPU (float32 unless asked; NF4 (+double quant)
+    if asked), frozen, in training mode."""
+    device = DeviceChoice(torch.device("cpu"), dtype)
+    model = load_base_model(model_dir, quantization, device, training=True, skip_modules=skip_modules)
     model.requires_grad_(False)
     return model.train()
 

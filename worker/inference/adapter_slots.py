@@ -3,7 +3,7 @@
 A slot holds one adapter of any kind. Every kind but prefix tuning applies per batch row inside the
 one shared forward (`route`), so rows of different adapters and kinds share prefill and decode
 batches; prefix-tuning rows are prefilled per adapter (their cache starts with the prefix) and then
-decode with everyone else. See `served_adapter` for the kinds and `lora_slots` for the per-row math.
+decode with everyone else. See `worker.formats.served` for the kinds and `lora_slots` for the per-row math.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
+from worker.formats.prompt_learning import AttentionShape
+from worker.formats.served import BaseLayout, ServedAdapter, read_served_adapter
 from worker.inference.bottleneck_slots import BottleneckSlots
 from worker.inference.lora_slots import LoraSlotBank, RowRouting, dense_weight, install_lora_slots
-from worker.inference.prompt_files import AttentionShape
 from worker.inference.prompt_slots import PromptSlots
-from worker.inference.served_adapter import BaseLayout, ServedAdapter, read_served_adapter
 
 
 class AdapterSlots:

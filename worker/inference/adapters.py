@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
 from worker.inference.adapter_slots import AdapterSlots
 
 logger = logging.getLogger(__name__)

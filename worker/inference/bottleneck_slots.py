@@ -10,8 +10,9 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional
 
-from worker.inference.bottleneck_files import BottleneckAdapter, BottleneckBlock, activation_module
+from worker.formats.bottleneck import BottleneckAdapter, BottleneckBlock, activation_module
 from worker.inference.lora_slots import LoraSlotBank
+from worker.model_parts import decoder_layers
 
 _MODULES = {"attention": "self_attn", "mlp": "mlp"}
 
@@ -24,7 +25,7 @@ class BottleneckSlots:
         self._device, self._dtype = bank.device, bank.dtype
         self._adapters: dict[int, BottleneckAdapter] = {}
         self._activations: dict[int, nn.Module] = {}
-        layers = model.get_decoder().layers
+        layers = decoder_layers(model)
         self.num_layers = len(layers)
         self.supported = all(hasattr(layer, module) for layer in layers for module in _MODULES.values())
         if self.supported:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from worker.base_loading import load_base_model, load_tokenizer
+from worker.device import choose_device
 from worker.inference.adapter_slots import install_adapter_slots
 from worker.inference.adapters import AdapterManager
-from worker.inference.base_model import compute_dtype_for, load_base_model, serving_device
 from worker.inference.generation import (
     ErrorEvent,
     FinishEvent,
@@ -33,12 +34,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 END_OF_TURN_TOKENS = ("<|im_end|>",)
+SERVING_QUANTIZATIONS = ("nf4-dq", "none")
+"""The base's storage when serving: 4-bit NF4 with double quantization, or full precision."""
 
 
 class InferenceEngine:
     """Loads a base model once and generates for many adapters at once on a background thread.
 
-    Adapters of any served kind (see `served_adapter`) are loaded into slots through `engine.adapters`
+    Adapters of any served kind (see `worker.formats.served`) are loaded into slots through `engine.adapters`
     (an `AdapterManager`) and picked per request by name. Use as a context manager, or call `close()`
     to stop the loop thread.
     """
@@ -55,9 +58,12 @@ class InferenceEngine:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        self.device = serving_device(device)
-        self.dtype = compute_dtype_for(self.device)
-        self.model, self.tokenizer = load_base_model(model_dir, quantization, self.device)
+        if quantization not in SERVING_QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {SERVING_QUANTIZATIONS}")
+        choice = choose_device(device)
+        self.device, self.dtype = choice.device, choice.compute_dtype
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_base_model(model_dir, quantization, choice, training=False)
         self.quantization = quantization
         self.slots = install_adapter_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype, quantization)
         self.adapters = AdapterManager(self.slots, max_loaded_adapters)

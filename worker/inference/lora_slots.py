@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.inference.adapter_files import AdapterLoadError, LoraAdapter, LoraModuleWeights, read_lora_adapter
-from worker.inference.ia3_files import Ia3Gain
-from worker.inference.sparse_files import DenseDelta
+from worker.formats.files import AdapterLoadError
+from worker.formats.ia3 import Ia3Gain
+from worker.formats.lora import LoraAdapter, LoraModuleWeights, read_lora_adapter
+from worker.formats.sparse_deltas import DenseDelta
+from worker.model_parts import decoder_layers
 
 __all__ = [
     "AdapterLoadError",
@@ -476,11 +478,7 @@ def dora_gain(weight: torch.Tensor, weights: LoraModuleWeights) -> torch.Tensor:
 
 def target_linear_names(model: nn.Module) -> list[str]:
     """Names of every linear layer inside the decoder layers (the output head excluded)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-    layer_ids = {id(module) for module in layers.modules()}
+    layer_ids = {id(module) for module in decoder_layers(model).modules()}
     return [
         name
         for name, module in model.named_modules()

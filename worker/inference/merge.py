@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from worker.inference.adapter_files import AdapterLoadError, LoraAdapter, read_lora_adapter
-from worker.inference.base_model import load_base_model, serving_device
+from worker.base_loading import load_base_model, load_tokenizer
+from worker.device import choose_device
+from worker.formats.files import AdapterLoadError
+from worker.formats.lora import LoraAdapter, read_lora_adapter
 from worker.inference.lora_slots import dora_gain, target_linear_names
 
 
@@ -42,7 +44,8 @@ def load_merged_model(
     model_dir: Path | str, adapter_dir: Path | str, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base in full precision (fp32 on CPU, bf16 on CUDA) with the adapter merged in."""
-    model, tokenizer = load_base_model(model_dir, "none", serving_device(device))
+    model = load_base_model(model_dir, "none", choose_device(device), training=False)
+    tokenizer = load_tokenizer(model_dir)
     merge_lora_into(model, adapter_dir)
     return model, tokenizer
 

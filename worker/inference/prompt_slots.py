@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from worker.inference.prompt_files import PrefixKV, VirtualTokens
+from worker.formats.prompt_learning import PrefixKV, VirtualTokens
 
 
 class PromptSlots:

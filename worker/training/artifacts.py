@@ -1,8 +1,8 @@
 """Rebuild a trained model from its published artifact folder, and probe logits to prove it matches.
 
 `load_trained_model` works in a fresh process for every method: peft artifacts through
-`PeftModel.from_pretrained`, bottleneck adapters through `worker.bottleneck`, plus the sparse
-technique's deltas when the folder has `sparse_config.json`.
+`worker.formats.peft_artifact`, bottleneck adapters through `methods.bottleneck_module`, plus the
+sparse technique's deltas (`techniques.sparse_apply`) when the folder has `sparse_config.json`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ import torch
 from peft import PeftModel, PeftType
 
 from core.schemas.peft_methods import SparseSpec
-from worker.bottleneck import PEFT_TYPE as BOTTLENECK_PEFT_TYPE
-from worker.bottleneck import load_bottleneck_adapters
-from worker.sparse_deltas import apply_sparse_deltas, has_sparse_deltas, read_sparse_config
-from worker.training.device import DeviceChoice, choose_device
-from worker.training.model import evaluation_mode, load_base_model
+from worker.base_loading import load_base_model
+from worker.device import DeviceChoice, choose_device
+from worker.formats.bottleneck import PEFT_TYPE as BOTTLENECK_PEFT_TYPE
+from worker.formats.files import ADAPTER_CONFIG_FILE
+from worker.formats.peft_artifact import load_peft_artifact
+from worker.formats.sparse_deltas import has_sparse_config, read_sparse_config
+from worker.training.methods.bottleneck_module import load_bottleneck_adapters
+from worker.training.model import evaluation_mode
+from worker.training.techniques.sparse_apply import apply_sparse_deltas
 from worker.training.techniques.sparse_selection import quantization_skip_modules
 
 PROBE_POSITIONS = 16
@@ -41,35 +45,26 @@ def load_trained_model(
     folder's `sparse_config.json`.
     """
     adapter_dir = Path(adapter_dir)
-    device = _device_choice(device)
+    device = choose_device(device)
     if skip_modules is None and quantization != "none":
         skip_modules = _sparse_skip_modules(adapter_dir, base_model_path)
-    base = load_base_model(base_model_path, quantization, device, skip_modules=skip_modules)
-    peft_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type")
+    base = load_base_model(base_model_path, quantization, device, training=True, skip_modules=skip_modules)
+    peft_type = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text()).get("peft_type")
     if peft_type == BOTTLENECK_PEFT_TYPE:
         load_bottleneck_adapters(base, adapter_dir, dtype=device.compute_dtype)
         model = base
     else:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    if has_sparse_deltas(adapter_dir):
+        model = load_peft_artifact(base, adapter_dir)
+    if has_sparse_config(adapter_dir):
         apply_sparse_deltas(model, adapter_dir)
     model.requires_grad_(False)
     model.eval()
     return model
 
 
-def _device_choice(device: DeviceChoice | torch.device | str | None) -> DeviceChoice:
-    if device is None:
-        return choose_device()
-    if isinstance(device, DeviceChoice):
-        return device
-    device = torch.device(device)
-    return DeviceChoice(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
 def _sparse_skip_modules(adapter_dir: Path, base_model_path: str) -> list[str] | None:
     """The modules a sparse job kept in full precision on its 4-bit base, from `sparse_config.json`."""
-    if not has_sparse_deltas(adapter_dir):
+    if not has_sparse_config(adapter_dir):
         return None
     config = read_sparse_config(adapter_dir)
     return quantization_skip_modules(SparseSpec(kind=config["kind"], modules=config.get("modules")), base_model_path)

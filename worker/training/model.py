@@ -1,4 +1,4 @@
-"""Load a base model (optionally 4-bit NF4), attach the job's method, and report the quantization."""
+"""Load the base model for training, attach the job's method and techniques, and report the quantization."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from core.schemas.training import ResolvedTraining
-from worker.training.device import DeviceChoice
+from worker import base_loading
+from worker.base_loading import load_tokenizer
+from worker.device import DeviceChoice
+from worker.model_parts import decoder_linears
 from worker.training.methods import AttachedMethod, attach_method
 from worker.training.techniques import Techniques
 
@@ -36,54 +38,6 @@ class LoadedModel:
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; a 4-bit weight counts as its logical size."""
         return self.method.param_counts()
-
-
-def quantization_config(
-    quantization: str, compute_dtype: torch.dtype, skip_modules: list[str] | None = None
-) -> BitsAndBytesConfig | None:
-    """The bitsandbytes config for "nf4-dq" (NF4 + double quantization) or "nf4"; None for "none".
-
-    `skip_modules` (module names kept in full precision) replaces transformers' default skips.
-    """
-    if quantization == "none":
-        return None
-    if quantization not in ("nf4-dq", "nf4"):
-        raise ValueError(f"unknown quantization {quantization!r}")
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=quantization == "nf4-dq",
-        bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=skip_modules,
-    )
-
-
-def load_tokenizer(base_model_path: str) -> PreTrainedTokenizerBase:
-    """The base model folder's tokenizer (no remote code)."""
-    return AutoTokenizer.from_pretrained(base_model_path, trust_remote_code=False)
-
-
-def load_base_model(
-    base_model_path: str, quantization: str, device: DeviceChoice, *, skip_modules: list[str] | None = None
-) -> torch.nn.Module:
-    """Load the base model folder (safetensors only) as training sees it: quantized as asked (except
-    `skip_modules`), and, when 4-bit, frozen and prepared for k-bit training (non-quantized weights upcast)."""
-    quant = quantization_config(quantization, device.compute_dtype, skip_modules)
-    base = AutoModelForCausalLM.from_pretrained(
-        base_model_path,
-        dtype=device.compute_dtype,
-        quantization_config=quant,
-        device_map={"": device.device} if quant is not None else None,
-        trust_remote_code=False,
-        use_safetensors=True,
-    )
-    if quant is None:
-        base.to(device.device)
-    base.config.use_cache = False
-    if quant is not None:
-        # Freezes the base and upcasts the non-quantized weights; checkpointing is set by the caller.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return base
 
 
 NO_GRADIENT_CHECKPOINTING = ("prefix_tuning",)
@@ -113,7 +67,9 @@ def load_model_for_training(
     total_steps = total_steps if total_steps is not None else (config.expected_steps or 1)
     techniques = techniques or Techniques(config, total_steps)
     skip_modules = techniques.skip_modules(base_model_path) if config.quantization != "none" else None
-    base = load_base_model(base_model_path, config.quantization, device, skip_modules=skip_modules)
+    base = base_loading.load_base_model(
+        base_model_path, config.quantization, device, training=True, skip_modules=skip_modules
+    )
     if gradient_checkpointing_applies(config):
         # Non-reentrant checkpointing needs no input-requires-grad hook.
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -150,27 +106,6 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def decoder_layers(causal_lm: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's transformer blocks (e.g. `model.layers` of a Llama)."""
-    decoder = causal_lm.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(causal_lm).__name__}")
-    return layers
-
-
-def _decoder_linears(causal_lm: torch.nn.Module) -> list[torch.nn.Linear]:
-    """Every base linear inside the decoder layers (LoRA's own A/B linears excluded)."""
-    linears = []
-    for name, module in decoder_layers(causal_lm).named_modules():
-        parts = name.split(".")
-        if any(part.startswith("lora_") for part in parts):
-            continue
-        if isinstance(module, torch.nn.Linear):
-            linears.append(module)
-    return linears
-
-
 def _quant_state_bytes(quant_state) -> tuple[int, int]:
     """(scale bytes, lookup-table bytes) of a bitsandbytes QuantState, nested state included."""
     scale = quant_state.absmax.numel() * quant_state.absmax.element_size()
@@ -193,8 +128,7 @@ def quantization_report(model: torch.nn.Module) -> dict:
     """
     import bitsandbytes as bnb
 
-    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    linears = _decoder_linears(causal_lm)
+    linears = list(decoder_linears(model).values())
     quantized = [m for m in linears if isinstance(m, bnb.nn.Linear4bit)]
     params = weight_bytes = scale_bytes = table_bytes = 0
     quant_types, blocksizes, nested = set(), set(), []

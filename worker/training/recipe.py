@@ -20,6 +20,8 @@ from transformers import get_scheduler, set_seed
 from core.datasets import Example
 from core.schemas.peft_methods import PROMPT_LEARNING
 from core.schemas.training import ResolvedTraining
+from worker.base_loading import load_tokenizer
+from worker.device import choose_device
 from worker.training.artifacts import probe_record
 from worker.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from worker.training.data import (
@@ -30,13 +32,11 @@ from worker.training.data import (
     step_batches,
     tokenize_dataset,
 )
-from worker.training.device import choose_device
 from worker.training.model import (
     LoadedModel,
     evaluation_mode,
     gradient_checkpointing_applies,
     load_model_for_training,
-    load_tokenizer,
     quantization_report,
 )
 from worker.training.packed_attention import SEGMENT_LENGTHS_KWARG, use_packed_attention

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from tests.worker.inference.conftest import MAX_LORA_RANK
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
 from worker.inference.adapters import (
     AdapterCapacityError,
     AdapterInUseError,

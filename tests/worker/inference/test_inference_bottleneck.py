@@ -1,4 +1,4 @@
-"""Bottleneck adapters (our format) serve per batch row through hooks, exactly as `worker.bottleneck` computes."""
+"""Bottleneck adapters (our format) serve per batch row through hooks, exactly as training computes them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from tests.support.peft_artifacts import reference_model, save_bottleneck
 from tests.worker.inference.conftest import assert_changes_logits, check_against_references
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
 from worker.inference.engine import InferenceEngine
 
 NEW_TOKENS = 10

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.worker.inference.conftest import load_peft_reference
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
 from worker.inference.engine import GenerationRequest, InferenceEngine
 from worker.inference.merge import load_merged_model, merge_lora_into, save_merged_model
 
@@ -37,8 +37,9 @@ def test_a_saved_merged_model_serves_like_the_adapter(tiny_model_dir, lora_dirs,
 
 
 def test_merging_into_a_4bit_base_is_refused(tiny_model_dir, lora_dirs):
-    from worker.inference.base_model import load_base_model
+    from worker.base_loading import load_base_model
+    from worker.device import choose_device
 
-    model, _ = load_base_model(tiny_model_dir, "nf4-dq", torch.device("cpu"))
+    model = load_base_model(tiny_model_dir, "nf4-dq", choose_device("cpu"), training=False)
     with pytest.raises(AdapterLoadError, match="full precision"):
         merge_lora_into(model, lora_dirs["A"])

@@ -9,7 +9,7 @@ import torch
 
 from tests.support.peft_artifacts import add_sparse_deltas, reference_model, save_peft_artifact
 from tests.worker.inference.conftest import assert_changes_logits, check_against_references
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
 from worker.inference.engine import InferenceEngine
 
 NEW_TOKENS = 10

@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.peft_artifacts import greedy_tokens, reference_model, save_peft_artifact
 from tests.worker.inference.conftest import assert_changes_logits, check_against_references
-from worker.inference.adapter_files import AdapterLoadError
+from worker.formats.files import AdapterLoadError
 from worker.inference.engine import InferenceEngine
 
 NEW_TOKENS = 10

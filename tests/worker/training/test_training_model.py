@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
-from worker.training.device import choose_device
+from worker.device import choose_device
 from worker.training.model import (
     evaluation_mode,
     load_model_for_training,

@@ -7,9 +7,9 @@ from peft import get_peft_model
 from torch import nn
 
 from core.schemas.training import ResolvedTraining
-from worker.bottleneck import attach_bottleneck_adapters, config_for_model
 from worker.training.methods.base import AttachedMethod, count_params
 from worker.training.methods.bottleneck_method import BottleneckMethod
+from worker.training.methods.bottleneck_module import attach_bottleneck_adapters, config_for_model
 from worker.training.methods.peft_configs import peft_config_for
 from worker.training.methods.peft_methods import AdaLoraMethod, PeftMethod
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
-from worker.bottleneck import BottleneckAdapters, save_bottleneck_adapters
 from worker.training.methods.base import AttachedMethod
+from worker.training.methods.bottleneck_module import BottleneckAdapters, save_bottleneck_adapters
 
 
 class BottleneckMethod(AttachedMethod):

@@ -23,6 +23,7 @@ from peft.utils.constants import (
 from torch import nn
 
 from core.schemas.training import ResolvedTraining
+from worker.model_parts import decoder_layers
 
 TASK = "CAUSAL_LM"
 # IA3's usual choice (keys, values, the MLP's output projection) under common module names, for
@@ -67,7 +68,7 @@ def adalora_config(config: ResolvedTraining, total_steps: int) -> AdaLoraConfig:
 
 def _linear_names(causal_lm: nn.Module) -> list[str]:
     """Short names of the linears inside the first decoder layer, e.g. ["q_proj", ..., "down_proj"]."""
-    layer = causal_lm.get_decoder().layers[0]
+    layer = decoder_layers(causal_lm)[0]
     return [name.rsplit(".", 1)[-1] for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
 
 

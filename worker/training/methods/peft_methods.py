@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel, PeftType
 
+from worker.formats.peft_artifact import write_peft_artifact
 from worker.training.methods.base import AttachedMethod
 
 ADAPTER = "default"
@@ -25,9 +26,8 @@ class PeftMethod(AttachedMethod):
             self.virtual_tokens_in_logits = peft_config.num_virtual_tokens
 
     def save(self, folder: Path) -> Path:
-        """What peft's `save_pretrained(safe_serialization=True)` writes."""
-        self.model.save_pretrained(folder, safe_serialization=True)
-        return Path(folder)
+        """What peft's `save_pretrained(safe_serialization=True)` writes (`worker.formats.peft_artifact`)."""
+        return write_peft_artifact(self.model, folder)
 
 
 class AdaLoraMethod(PeftMethod):

@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import torch
 
-from worker.training.techniques.layers import decoder_layers
+from worker.model_parts import decoder_layers
 
 
 class LayerDrop:

@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable
 
 import torch
 
-from worker.training.techniques.layers import decoder_layers, unwrap_causal_lm
+from worker.model_parts import decoder_layers, unwrap_causal_lm
 
 BEFORE_FIRST_LAYER = -1
 _VIRTUAL_TOKEN_MARKERS = ("prompt_encoder",)  # peft's prompt learning: PeftModel.prompt_encoder.<adapter>

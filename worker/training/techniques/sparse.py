@@ -15,15 +15,11 @@ from pathlib import Path
 import torch
 
 from core.schemas.peft_methods import SparseSpec
-from worker.sparse_deltas import ParamDelta, SparseEntries, write_sparse_deltas
-from worker.training.techniques.layers import decoder_linears
+from worker.formats.sparse_deltas import ParamDelta, SparseEntries, write_sparse_deltas
+from worker.model_parts import decoder_linears, is_4bit
 from worker.training.techniques.sparse_selection import chosen_linears, quantization_skip_modules
 
 __all__ = ["SparseTraining", "quantization_skip_modules"]
-
-
-def _is_4bit(linear: torch.nn.Linear) -> bool:
-    return getattr(linear.weight, "quant_state", None) is not None
 
 
 def _compute_in_float32(linear: torch.nn.Linear) -> None:
@@ -78,7 +74,7 @@ class SparseTraining:
         for module_name, linear in linears.items():
             name = f"{module_name}.bias"
             if linear.bias is None:
-                dtype = linear.compute_dtype if _is_4bit(linear) else linear.weight.dtype
+                dtype = linear.compute_dtype if is_4bit(linear) else linear.weight.dtype
                 linear.bias = torch.nn.Parameter(
                     torch.zeros(linear.out_features, dtype=dtype or torch.float32, device=linear.weight.device)
                 )
@@ -88,7 +84,7 @@ class SparseTraining:
             self._params[name] = linear.bias
 
     def _choose_weights(self, linears: dict[str, torch.nn.Linear]) -> None:
-        quantized = [name for name, linear in linears.items() if _is_4bit(linear)]
+        quantized = [name for name, linear in linears.items() if is_4bit(linear)]
         if quantized:
             raise ValueError(
                 f"sparse kind {self.kind!r} trains base weights, but {quantized[0]} was quantized to 4-bit; "

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from core.schemas.peft_methods import SparseSpec
-from worker.training.techniques.layers import decoder_linears
+from worker.model_parts import decoder_linears
 
 
 def names_module(qualified_name: str, entry: str) -> bool:

@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from core.schemas.peft_methods import SparseSpec
 from tests.support.tiny_training import load_tiny, logits, token_batches, train_steps
-from worker.sparse_deltas import SPARSE_DELTAS_FILE, apply_sparse_deltas, read_sparse_deltas
-from worker.training.techniques.layers import decoder_linears
+from worker.formats.sparse_deltas import SPARSE_DELTAS_FILE, read_sparse_deltas
+from worker.model_parts import decoder_linears
 from worker.training.techniques.layerwise_lr import optimizer_param_groups
 from worker.training.techniques.sparse import SparseTraining, quantization_skip_modules
+from worker.training.techniques.sparse_apply import apply_sparse_deltas
 from worker.training.techniques.sparse_selection import names_module
 
 IDS = torch.tensor([[5, 17, 300, 42, 9, 77, 123, 8]])

@@ -1,8 +1,13 @@
-"""Read adapter folders (safetensors only): the shared file checks, and PEFT LoRA checked against the base's linears."""
+"""PEFT LoRA (and DoRA, `use_dora`): written and reloaded by peft (see `peft_artifact`); read for serving here.
+
+Files: `adapter_config.json` (peft's LoraConfig) and `adapter_model.safetensors` with
+`base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] per target linear
+(DoRA adds `.lora_magnitude_vector` [out]). Serving reads them as delta W = scaling * B @ A, checked
+against the base's linears; options that compute more than that are refused.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -10,13 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from core.adapter_check import LORA_KEY, PICKLE_SUFFIXES
+from core.adapter_check import LORA_KEY
+from worker.formats.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    AdapterLoadError,
+    check_finite,
+    peft_type_of,
+    read_config_json,
+    read_safetensors,
+)
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # DoRA's per-output magnitude: `base_model.model.<module>.lora_magnitude_vector` (maybe `.<adapter>.weight`).
 _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
@@ -35,10 +45,6 @@ _UNSUPPORTED_FIELDS = {
 }
 # Initialisations that rewrite the base weights: the adapter alone is meaningless on the original base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
-
-
-class AdapterLoadError(Exception):
-    """An adapter folder cannot be served; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -97,27 +103,6 @@ def read_lora_adapter(
     return LoraAdapter(path=folder, modules=modules)
 
 
-def read_config_json(folder: Path, name: str = ADAPTER_CONFIG_FILE) -> dict:
-    """The JSON object in `folder/name` (raises `AdapterLoadError` when missing or malformed)."""
-    if not folder.is_dir():
-        raise AdapterLoadError(f"adapter folder {folder} does not exist")
-    path = folder / name
-    if not path.is_file():
-        raise AdapterLoadError(f"{name} is missing from {folder}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"{name} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"{name} must hold a JSON object")
-    return config
-
-
-def peft_type_of(config: dict) -> str:
-    """The config's `peft_type`, upper-cased ("" when absent)."""
-    return str(config.get("peft_type") or "").upper()
-
-
 def _read_config(folder: Path) -> dict:
     config = read_config_json(folder)
     peft_type = peft_type_of(config)
@@ -140,29 +125,6 @@ def check_unsupported_lora_fields(config: dict) -> None:
         raise AdapterLoadError(
             f"init_lora_weights={init!r} changes the base weights; convert the adapter to plain LoRA before serving"
         )
-
-
-def read_safetensors(folder: Path, name: str = ADAPTER_WEIGHTS_FILE) -> dict[str, torch.Tensor]:
-    """Every tensor of `folder/name` on the CPU; pickle files are never loaded (their presence is named)."""
-    path = folder / name
-    if not path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterLoadError(
-                f"only {name} is loaded; found {', '.join(pickles)} (pickle files are refused)"
-            )
-        raise AdapterLoadError(f"{name} is missing from {folder}")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterLoadError(f"cannot read {name}: {exc}") from exc
-
-
-def check_finite(what: str, *tensors: torch.Tensor) -> None:
-    """Raise `AdapterLoadError` when any of the tensors holds NaN or infinity."""
-    for tensor in tensors:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdapterLoadError(f"{what}: weights contain NaN or infinity")
 
 
 def _unexpected_tensor_message(key: str) -> str:

@@ -1,4 +1,5 @@
-"""Materialize LoHa, LoKr and HRA adapters as dense weight deltas of the base linears, once at load.
+"""PEFT LoHa, LoKr and HRA: written and reloaded by peft (see `peft_artifact`); read for serving here as
+dense weight deltas of the base linears, materialized once at load.
 
 Their updates are products (Hadamard, Kronecker, Householder) that do not split into per-row
 low-rank factors, so each target linear gets a dense delta dW with y = W x + b + dW x. It is
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.inference.adapter_files import AdapterLoadError, check_finite
+from worker.formats.files import AdapterLoadError, check_finite
 
 WEIGHT_DELTA_TYPES = ("LOHA", "LOKR", "HRA")
 _ADAPTER = "default"

@@ -1,4 +1,5 @@
-"""Bottleneck adapters: identity at start, placement after attention/MLP, file format, validation, 4-bit bases."""
+"""Bottleneck adapters in a training model: identity at start, placement after attention/MLP, saving and
+reloading, validation, 4-bit bases."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.support.tiny_training import load_tiny
-from worker.bottleneck import (
-    BottleneckConfig,
-    BottleneckFormatError,
+from worker.formats.bottleneck import BottleneckConfig, BottleneckFormatError, read_bottleneck_folder
+from worker.training.methods.bottleneck_module import (
     attach_bottleneck_adapters,
     config_for_model,
     load_bottleneck_adapters,
-    read_bottleneck_folder,
     save_bottleneck_adapters,
 )
 

@@ -1,4 +1,5 @@
-"""Read PEFT prompt-learning folders: virtual-token embeddings, or per-layer prefix keys and values.
+"""PEFT prompt learning: written and reloaded by peft (see `peft_artifact`); read for serving here as
+virtual-token embeddings, or per-layer prefix keys and values.
 
 peft saves a single `prompt_embeddings` tensor: the prompt encoder's output (`get_prompt_embedding_to_save`),
 so a P_TUNING artifact already holds what its MLP/LSTM encoder computes and needs no encoder here.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.inference.adapter_files import AdapterLoadError, check_finite
+from worker.formats.files import AdapterLoadError, check_finite
 
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 

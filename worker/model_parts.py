@@ -1,4 +1,5 @@
-"""Find a causal LM's decoder layers and the base linears inside them, even under peft wrappers."""
+"""Find the parts of a causal LM: the model under a peft wrapper, its decoder layers and their base
+linears, and whether a linear is a bitsandbytes 4-bit layer. Shared by training and inference."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks (e.g. a Llama's `model.layers`) of a causal LM or a peft model around one."""
+    """The transformer blocks (e.g. a Llama's `model.layers`) of a causal LM or a peft model around one.
+
+    Raises `ValueError` when the model has no decoder or its decoder no `layers` list.
+    """
     causal_lm = unwrap_causal_lm(model)
-    layers = getattr(causal_lm.get_decoder(), "layers", None)
+    get_decoder = getattr(causal_lm, "get_decoder", None)
+    layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"cannot find the decoder layers of {type(causal_lm).__name__}")
     return layers
@@ -46,3 +51,9 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     for index, layer in enumerate(layers):
         visit(layer, f"{prefix}.{index}")
     return found
+
+
+def is_4bit(linear: torch.nn.Module) -> bool:
+    """Whether a linear is a bitsandbytes 4-bit `Linear4bit` (its weight packed, with a quant state)."""
+    weight = getattr(linear, "weight", None)
+    return getattr(weight, "quant_state", None) is not None or type(linear).__name__ == "Linear4bit"

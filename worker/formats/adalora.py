@@ -1,4 +1,5 @@
-"""Read a PEFT AdaLoRA folder as plain LoRA factors, so that AdaLoRA adapters join the LoRA slots.
+"""PEFT AdaLoRA: written and reloaded by peft (see `peft_artifact`); read for serving as plain LoRA factors,
+so that AdaLoRA adapters join the LoRA slots.
 
 peft 0.21.2 (`tuners/adalora/layer.py`, `SVDLinear.forward`) computes
     y = W x + (x @ (lora_A * lora_E).T @ lora_B.T) * scaling / (ranknum + 1e-5)
@@ -16,13 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
-from worker.inference.adapter_files import (
-    ADAPTER_CONFIG_FILE,
-    AdapterLoadError,
-    LoraModuleWeights,
-    check_finite,
-    check_unsupported_lora_fields,
-)
+from worker.formats.files import ADAPTER_CONFIG_FILE, AdapterLoadError, check_finite
+from worker.formats.lora import LoraModuleWeights, check_unsupported_lora_fields
 
 # `base_model.model.<module>.lora_A` (parameters: no `.weight`; an adapter name may follow the part).
 _ADALORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[ABE])(?:\.[^.]+)?$")

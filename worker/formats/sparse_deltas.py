@@ -1,11 +1,16 @@
-"""The sparse fine-tuning artifact: `sparse_config.json` + `sparse_deltas.safetensors`.
+"""The sparse-deltas artifact (`patchbay.sparse/v1`): `sparse_config.json` + `sparse_deltas.safetensors`.
 
 A sparse artifact holds, per changed base parameter (a weight or bias of a decoder linear, named
 relative to the causal LM, e.g. `model.layers.0.mlp.down_proj.weight`), the change trained - original:
 stored dense (key `<name>`) or, when smaller, as sorted flat indices and the values there (keys
 `<name>.indices`, `<name>.values`). A bias marked "added" is one the base lacks (BitFit's zero-initialised
-bias); its delta is its trained value. Serving adds the deltas to a full-precision base:
-y = base(x) + x @ dW^T + db.
+bias); its delta is its trained value. The files may sit beside any other kind's artifact.
+
+- Written by training's sparse technique: `write_sparse_deltas`.
+- Read for a training reload: `has_sparse_config`, `read_sparse_deltas` (per linear, checked on their own);
+  `worker.training.techniques.sparse_apply` adds them to a loaded model.
+- Read for serving: `has_any_sparse_file`, `read_served_sparse_deltas` (checked against the served base),
+  applied as y = base(x) + x @ dW^T + db.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.adapter_check import PICKLE_SUFFIXES
+from worker.formats.files import AdapterLoadError
 
 SPARSE_CONFIG_FILE = "sparse_config.json"
 SPARSE_DELTAS_FILE = "sparse_deltas.safetensors"
@@ -154,9 +160,15 @@ def _check_name(name: str, *, added: bool) -> re.Match:
     return match
 
 
-def has_sparse_deltas(folder: Path | str) -> bool:
-    """Whether `folder` holds a sparse artifact (its config file)."""
+def has_sparse_config(folder: Path | str) -> bool:
+    """Whether `folder` holds a sparse artifact as training writes it (its `sparse_config.json`)."""
     return (Path(folder) / SPARSE_CONFIG_FILE).is_file()
+
+
+def has_any_sparse_file(folder: Path | str) -> bool:
+    """Whether `folder` holds either sparse file (serving reads it then: a lone file is an error there)."""
+    folder = Path(folder)
+    return (folder / SPARSE_CONFIG_FILE).is_file() or (folder / SPARSE_DELTAS_FILE).is_file()
 
 
 def read_sparse_deltas(folder: Path | str) -> dict[str, LinearDelta]:
@@ -284,83 +296,42 @@ def _group_by_module(
     return {module: LinearDelta(**slot) for module, slot in fields.items()}
 
 
-def apply_sparse_deltas(model: torch.nn.Module, folder: Path | str) -> dict[str, LinearDelta]:
-    """Add a sparse artifact's deltas, in place, to the decoder linears of `model`; return them.
+# ---- serving -----------------------------------------------------------------------------------
 
-    `model` is a causal LM (or a peft model around one, whose LoRA-wrapped linears are handled).
-    Every delta is checked against the model before anything changes. A bias marked "added" becomes
-    a new bias parameter. A 4-bit `Linear4bit` takes bias deltas but refuses a weight delta.
+
+@dataclass(frozen=True)
+class DenseDelta:
+    """A change of one base linear: y = W x + b + weight x + bias (either part may be absent)."""
+
+    weight: torch.Tensor | None  # [out_features, in_features]
+    bias: torch.Tensor | None  # [out_features]
+
+
+def read_served_sparse_deltas(
+    folder: Path, linear_shapes: Mapping[str, tuple[int, int]], linear_has_bias: Mapping[str, bool]
+) -> dict[str, DenseDelta]:
+    """The dense deltas per linear module name, checked against the served base's linears.
+
+    Raises `AdapterLoadError` (the serving readers' error) for anything `read_sparse_deltas` refuses too.
     """
-    deltas = read_sparse_deltas(folder)
-    targets = {name: _target_linear(model, delta) for name, delta in deltas.items()}
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            linear = targets[name]
-            if delta.weight is not None:
-                _add_weight_delta(linear, delta)
-            if delta.bias is not None:
-                _add_bias_delta(linear, delta)
-    return deltas
-
-
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
-def _target_linear(model: torch.nn.Module, delta: LinearDelta) -> torch.nn.Linear:
-    causal_lm = _causal_lm(model)
-    name = delta.module_name
     try:
-        module = causal_lm.get_submodule(name)
-    except AttributeError:
-        raise SparseDeltaError(f"the model has no module {name!r}") from None
-    while hasattr(module, "base_layer"):  # a peft tuner layer around the base linear
-        module = module.base_layer
-    if not isinstance(module, torch.nn.Linear):
-        raise SparseDeltaError(f"{name} is a {type(module).__name__}, not a linear layer")
-    decoder_layers = getattr(causal_lm.get_decoder(), "layers", None)
-    if decoder_layers is None or not any(module is m for m in decoder_layers.modules()):
-        raise SparseDeltaError(f"{name} is not a linear inside the decoder layers")
-    out_features, in_features = module.out_features, module.in_features
-    if delta.weight is not None:
-        if tuple(delta.weight.shape) != (out_features, in_features):
-            raise SparseDeltaError(f"{name}.weight delta has shape {list(delta.weight.shape)}, "
-                                   f"the model's weight is {[out_features, in_features]}")
-        if _is_4bit(module):
-            raise SparseDeltaError(f"{name} is a 4-bit Linear4bit: sparse weight deltas need a full-precision base")
-    if delta.bias is not None:
-        if delta.bias.shape[0] != out_features:
-            raise SparseDeltaError(f"{name}.bias delta has {delta.bias.shape[0]} entries for {out_features} outputs")
-        if delta.bias_added and module.bias is not None:
-            raise SparseDeltaError(f"{name}.bias is marked added, but the base already has a bias")
-        if not delta.bias_added and module.bias is None:
-            raise SparseDeltaError(f"{name} has no bias in the base, but its bias delta is not marked added")
-    return module
-
-
-def _is_4bit(module: torch.nn.Module) -> bool:
-    return getattr(module.weight, "quant_state", None) is not None or type(module).__name__ == "Linear4bit"
-
-
-def _add_weight_delta(linear: torch.nn.Linear, delta: LinearDelta) -> None:
-    weight = linear.weight
-    entries = delta.weight_stored_entries
-    if entries is None:
-        weight.copy_((weight.float() + delta.weight.to(weight.device)).to(weight.dtype))
-        return
-    flat = weight.view(-1)
-    indices = entries.indices.to(weight.device)
-    flat[indices] = (flat[indices].float() + entries.values.to(weight.device)).to(weight.dtype)
-
-
-def _add_bias_delta(linear: torch.nn.Linear, delta: LinearDelta) -> None:
-    if delta.bias_added:
-        # A 4-bit linear computes in its compute dtype (and casts its bias to it on each call).
-        dtype = getattr(linear, "compute_dtype", None) if _is_4bit(linear) else linear.weight.dtype
-        linear.bias = torch.nn.Parameter(
-            delta.bias.to(linear.weight.device, dtype or torch.float32), requires_grad=False
-        )
-        return
-    bias = linear.bias
-    bias.copy_((bias.float() + delta.bias.to(bias.device)).to(bias.dtype))
+        deltas = read_sparse_deltas(folder)
+    except SparseDeltaError as exc:
+        raise AdapterLoadError(f"sparse deltas: {exc}") from exc
+    served = {}
+    for module, delta in deltas.items():
+        if module not in linear_shapes:
+            raise AdapterLoadError(f"sparse delta for {module!r}: the base has no such decoder linear")
+        in_features, out_features = linear_shapes[module]
+        if delta.weight is not None and tuple(delta.weight.shape) != (out_features, in_features):
+            raise AdapterLoadError(f"sparse delta for {module!r}: weight {tuple(delta.weight.shape)} does not fit "
+                                   f"the base linear ({in_features} -> {out_features})")
+        if delta.bias is not None:
+            if tuple(delta.bias.shape) != (out_features,):
+                raise AdapterLoadError(f"sparse delta for {module!r}: bias {tuple(delta.bias.shape)} does not fit "
+                                       f"{out_features} outputs")
+            if not delta.bias_added and not linear_has_bias[module]:
+                raise AdapterLoadError(f"sparse delta for {module!r}: the base linear has no bias to change "
+                                       "(and the delta is not marked 'added')")
+        served[module] = DenseDelta(weight=delta.weight, bias=delta.bias)
+    return served

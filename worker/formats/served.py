@@ -1,4 +1,4 @@
-"""Read any servable artifact folder into the terms the slots apply, dispatching on its `peft_type`.
+"""Read any servable artifact folder into the terms the inference slots apply, dispatching on its `peft_type`.
 
 Kinds: LORA (DoRA with use_dora) and ADALORA become LoRA factors; IA3 gains; LOHA, LOKR and HRA dense
 weight deltas (full-precision servers only: they were trained on, and HRA multiplies, the dense base
@@ -15,20 +15,20 @@ from pathlib import Path
 
 import torch
 
-from worker.inference.adalora_files import read_adalora_modules
-from worker.inference.adapter_files import (
-    AdapterLoadError,
-    LoraModuleWeights,
-    peft_type_of,
-    read_config_json,
-    read_lora_adapter,
-    read_safetensors,
+from worker.formats.adalora import read_adalora_modules
+from worker.formats.bottleneck import BottleneckAdapter, read_bottleneck
+from worker.formats.files import AdapterLoadError, peft_type_of, read_config_json, read_safetensors
+from worker.formats.ia3 import Ia3Gain, read_ia3_gains
+from worker.formats.lora import LoraModuleWeights, read_lora_adapter
+from worker.formats.prompt_learning import (
+    PROMPT_TYPES,
+    AttentionShape,
+    PrefixKV,
+    VirtualTokens,
+    read_prompt_learning,
 )
-from worker.inference.bottleneck_files import BottleneckAdapter, read_bottleneck
-from worker.inference.ia3_files import Ia3Gain, read_ia3_gains
-from worker.inference.prompt_files import PROMPT_TYPES, AttentionShape, PrefixKV, VirtualTokens, read_prompt_learning
-from worker.inference.sparse_files import DenseDelta, has_sparse_deltas, read_sparse_deltas
-from worker.inference.weight_delta_files import WEIGHT_DELTA_TYPES, read_weight_deltas
+from worker.formats.sparse_deltas import DenseDelta, has_any_sparse_file, read_served_sparse_deltas
+from worker.formats.weight_deltas import WEIGHT_DELTA_TYPES, read_weight_deltas
 
 SERVED_TYPES = ("LORA", "ADALORA", "IA3", *WEIGHT_DELTA_TYPES, *PROMPT_TYPES, "BOTTLENECK_ADAPTER")
 
@@ -82,7 +82,8 @@ def read_served_adapter(folder: Path | str, base: BaseLayout) -> ServedAdapter:
             f"{peft_type} adapters change the dense base weights and need a full-precision base; this server runs "
             f"a {base.quantization} base (serve them with quantization 'none')"
         )
-    sparse = read_sparse_deltas(folder, base.linear_shapes, base.linear_has_bias) if has_sparse_deltas(folder) else {}
+    sparse = (read_served_sparse_deltas(folder, base.linear_shapes, base.linear_has_bias)
+              if has_any_sparse_file(folder) else {})
     kind = _kind_name(peft_type, config) + ("+sparse" if sparse else "")
     if peft_type == "LORA":
         lora = read_lora_adapter(folder, base.linear_shapes, base.max_rank).modules

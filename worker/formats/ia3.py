@@ -1,4 +1,4 @@
-"""Read a PEFT IA3 folder: one learned gain vector per target linear.
+"""PEFT IA3: written and reloaded by peft (see `peft_artifact`); read for serving as one gain vector per linear.
 
 peft 0.21.2 (`tuners/ia3/layer.py`): a feedforward module scales its input, y = W (l * x) + b; any
 other target module scales its output, bias included, y = l * (W x + b). A module is feedforward
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.inference.adapter_files import AdapterLoadError, check_finite
+from worker.formats.files import AdapterLoadError, check_finite
 
 _IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.[^.]+)?$")
 
