@@ -211,6 +211,25 @@ class AdapterAliasEvent(Base):
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
 
 
+class RegistryChange(Base):
+    """The registry's change feed: one row per publish, delete or alias move, written with the change.
+
+    Inference servers read it by id (polling, or woken by pub/sub), so they see every change exactly as
+    it committed. `kind` is `published`, `deleted` or `alias_moved` (see core/registry.py).
+    """
+
+    __tablename__ = "registry_changes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    name: Mapped[str] = mapped_column(String(256))
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    alias: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    previous_adapter_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class WorkerRecord(Base):
     """A live training worker and how many jobs it runs at once; the dispatcher hands out only that capacity."""
 

@@ -1,4 +1,12 @@
-"""The adapter registry: versions, aliases and name resolution, shared by the API and the worker."""
+"""The adapter registry: versions, aliases and name resolution, shared by the API and the worker.
+
+Every change goes through one function here, which writes its rows and its change-feed row
+(`RegistryChange`) in the caller's transaction and announces it once that commits (core/notify.py):
+
+- `publish_version`: a new version of a name (a job's result or an import); kind `published`.
+- `move_alias`: point `name:alias` at a version, keeping the alias history; kind `alias_moved`.
+- `retire_version` / `delete_version`: a version is deleted and its aliases go; kind `deleted`.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.ids import new_id, now
-from core.models import Adapter, AdapterAlias, AdapterAliasEvent, BaseModelRecord
+from core.models import Adapter, AdapterAlias, AdapterAliasEvent, BaseModelRecord, RegistryChange
+from core.notify import announce_on_commit
+from core.storage import get_storage
 
 MAX_VERSION = 2**31 - 1
 """Versions are a 32-bit column; larger numbers name nothing."""
+FEED_LOCK = 0x7061_7463_6872  # "patchr": the Postgres advisory lock key that orders feed writers
 
 
 class ResolutionError(LookupError):
@@ -32,17 +43,43 @@ def next_version(session: Session, team_id: str, name: str) -> int:
     return (current or 0) + 1
 
 
-def new_adapter_row(session: Session, *, team_id: str, name: str, **fields) -> Adapter:
-    """Add a new version of `name` (the caller commits)."""
+def _take_turn(session: Session) -> None:
+    """Wait until no other transaction that changes the registry is open; hold the turn until commit.
+
+    Feed ids must become visible in id order, or a follower that remembers the last id it applied could
+    skip one. On Postgres a transaction-scoped advisory lock makes registry changes take turns (SQLite has
+    one writer anyway). Each change takes it before touching any registry row, so turns cannot deadlock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(FEED_LOCK)))
+
+
+def _record(session: Session, kind: str, *, team_id: str, name: str, adapter_id: str | None,
+            version: int | None = None, alias: str | None = None,
+            previous_adapter_id: str | None = None) -> RegistryChange:
+    """Add a feed row to the caller's transaction (in its turn) and announce it once that commits."""
+    row = RegistryChange(kind=kind, team_id=team_id, name=name, adapter_id=adapter_id, version=version,
+                         alias=alias, previous_adapter_id=previous_adapter_id)
+    session.add(row)
+    session.flush()
+    announce_on_commit(session, row)
+    return row
+
+
+def publish_version(session: Session, *, team_id: str, name: str, **fields) -> Adapter:
+    """Add the next version of `name` and its `published` change (the caller commits)."""
+    _take_turn(session)
     row = Adapter(id=fields.pop("id", None) or new_id("adapter"), team_id=team_id, name=name,
                   version=next_version(session, team_id, name), **fields)
     session.add(row)
     session.flush()
+    _record(session, "published", team_id=team_id, name=name, adapter_id=row.id, version=row.version)
     return row
 
 
 def move_alias(session: Session, team_id: str, name: str, alias: str, adapter: Adapter) -> AdapterAliasEvent:
-    """Point `name:alias` at `adapter`, keeping the history."""
+    """Point `name:alias` at `adapter`, keeping the history, with its `alias_moved` change (the caller commits)."""
+    _take_turn(session)
     row = session.scalar(select(AdapterAlias).where(
         AdapterAlias.team_id == team_id, AdapterAlias.name == name, AdapterAlias.alias == alias))
     previous = row.adapter_id if row else None
@@ -54,16 +91,37 @@ def move_alias(session: Session, team_id: str, name: str, alias: str, adapter: A
                               previous_adapter_id=previous)
     session.add(event)
     session.flush()
+    _record(session, "alias_moved", team_id=team_id, name=name, alias=alias, adapter_id=adapter.id,
+            version=adapter.version, previous_adapter_id=previous)
     return event
 
 
-def drop_aliases_to(session: Session, adapter: Adapter) -> None:
-    """Remove every alias that points at `adapter`, recording each removal in the history."""
+def _drop_aliases_to(session: Session, adapter: Adapter) -> None:
+    """Remove every alias that points at `adapter`, recording each removal in the alias history."""
     for row in session.scalars(select(AdapterAlias).where(AdapterAlias.adapter_id == adapter.id)):
         session.add(AdapterAliasEvent(team_id=row.team_id, name=row.name, alias=row.alias, adapter_id=None,
                                       previous_adapter_id=adapter.id))
         session.delete(row)
     session.flush()
+
+
+def retire_version(session: Session, adapter: Adapter) -> None:
+    """Mark a version deleted (its number is never reused) and drop its aliases, with its `deleted` change.
+
+    The caller commits, then removes the stored files (`delete_version` does all of it).
+    """
+    _take_turn(session)
+    adapter.status = "deleted"
+    _drop_aliases_to(session, adapter)
+    _record(session, "deleted", team_id=adapter.team_id, name=adapter.name, adapter_id=adapter.id,
+            version=adapter.version)
+
+
+def delete_version(session: Session, adapter: Adapter) -> None:
+    """Retire a version, commit, then delete its stored files (what `DELETE` on adapters and models does)."""
+    retire_version(session, adapter)
+    session.commit()
+    get_storage().delete(adapter.storage_key)
 
 
 def aliases_of(session: Session, adapter_ids: list[str]) -> dict[str, list[str]]:

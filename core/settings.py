@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, description="largest LoRA rank accepted for import and serving")
     pinned_adapters: str = Field("", description="comma-separated adapter refs loaded at start and never evicted")
     merged_adapter: str | None = Field(None, description="serve this one adapter merged into the base")
-    registry_poll_seconds: float = Field(2.0, description="alias/publish polling when the broker is not Redis")
+    registry_poll_seconds: float = Field(2.0, description="registry change-feed polling when the broker is not Redis")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

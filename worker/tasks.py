@@ -10,13 +10,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from core import job_lifecycle
 from core.datasets import read_examples
 from core.db import session_scope
 from core.events import add_event
-from core.ids import now
-from core.leases import acquire_lease, finish_job
 from core.models import BaseModelRecord, File, Job
-from core.notify import announce
 from core.queue import TRAIN_TASK
 from core.settings import get_settings
 from core.storage import get_storage
@@ -41,12 +39,10 @@ def run_job(job_id: str) -> str:
     settings = get_settings()
     owner = _worker_id()
     with session_scope() as session:
-        if not acquire_lease(session, job_id, owner, settings.lease_seconds):
+        if not job_lifecycle.start(session, job_id, owner, lease_seconds=settings.lease_seconds):
             log.info("job %s is not ours to run (finished, cancelled or held elsewhere)", job_id)
             return "skipped"
         job = session.get(Job, job_id)
-        if job.started_at is None:
-            job.started_at = now()
         add_event(session, job_id, f"Training started on worker {owner} (attempt {job.attempts}).")
     work_dir = Path(tempfile.mkdtemp(prefix=f"patchbay-{job_id}-"))
     try:
@@ -91,8 +87,7 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
         log.exception("job %s failed", job_id)
         message = f"{exc.__class__.__name__}: {exc}"
         with session_scope() as session:
-            if finish_job(session, job_id, owner, "failed",
-                          error={"code": "training_error", "message": message, "param": None}):
+            if job_lifecycle.fail(session, job_id, code="training_error", message=message, owner=owner):
                 add_event(session, job_id, f"Job failed: {message}", level="error")
         return "failed"
 
@@ -106,15 +101,12 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
     with session_scope() as session:
         job = session.get(Job, job_id)
         adapter = publish_adapter(session, storage, job=job, adapter_dir=result.adapter_dir, metadata=metadata)
-        if not finish_job(session, job_id, owner, "succeeded", fine_tuned_model=adapter.fine_tuned_model,
-                          trained_tokens=result.trained_tokens, result_files=[]):
+        if not job_lifecycle.succeed(session, job_id, owner, fine_tuned_model=adapter.fine_tuned_model,
+                                     trained_tokens=result.trained_tokens):
             session.rollback()
             storage.delete(adapter.storage_key)
             return "stopped"
         add_event(session, job_id, f"New fine-tuned model created: {adapter.fine_tuned_model}",
                   data={"adapter_id": adapter.id, "name": adapter.name, "version": adapter.version})
         add_event(session, job_id, "The job has successfully completed.")
-        published = {"team_id": adapter.team_id, "adapter_id": adapter.id, "name": adapter.name,
-                     "version": adapter.version}
-    announce("published", **published)
-    return "succeeded"
+    return "succeeded"  # publish_adapter's `published` change is announced as this transaction commits

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,24 +19,17 @@ from api.routing import team_router
 from api.team_slots import UPLOADS
 from api.uploads import UploadResult, multipart_openapi, receive_upload, upload_allowance
 from core.adapter_check import AdapterCheckError
-from core.adapter_import import InspectedAdapter, inspect_adapter_archive
+from core.adapter_import import InspectedAdapter, inspect_adapter_archive, write_import_metadata
 from core.archives import ArchiveError, write_tar_gz
 from core.db import session_scope
 from core.errors import invalid, not_found
 from core.ids import new_id
 from core.models import Adapter, AdapterAliasEvent, BaseModelRecord, Team
-from core.notify import announce
-from core.registry import (
-    aliases_of,
-    drop_aliases_to,
-    find_team_adapter,
-    move_alias,
-    new_adapter_row,
-)
+from core.registry import aliases_of, delete_version, find_team_adapter, move_alias, publish_version
 from core.safetensors_header import count_folder_params
 from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.schemas.common import DeletedObject, ListPage
-from core.storage import folder_sha256, get_storage, sha256_file
+from core.storage import folder_sha256, get_storage
 from core.temporaries import commit_into_place, scratch_dir, temp_key
 
 router = team_router("/v1/adapters", "adapters")
@@ -111,30 +103,25 @@ async def _inspect(archive: Path, scratch: Path, base: BaseModelRecord, settings
 
 
 def _publish_import(team: Team, name: str, base: BaseModelRecord, inspected: InspectedAdapter) -> AdapterPublic:
-    """Store the checked folder under a temporary key, and rename it into place as its row commits."""
+    """Store the checked folder under a temporary key, and rename it into place as its version commits."""
     storage, folder, summary = get_storage(), inspected.folder, inspected.summary
     adapter_id = new_id("adapter")
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
-    (folder / "patchbay.json").write_text(json.dumps({
-        "format": "patchbay.adapter/v1", "source": "import", "base_model": {"id": base.id, "sha256": base.sha256},
-        "method": "lora", "rank": summary.rank, "alpha": summary.alpha, "files": files,
-        "trainable_params": summary.trainable_params}, indent=2, sort_keys=True))
+    metadata = write_import_metadata(inspected, base, count_folder_params(Path(base.path)))
     sha, size = folder_sha256(folder)
     temp, key = temp_key(adapter_id), f"adapters/{adapter_id}"
     storage.put_dir(temp, folder)
     try:
         with session_scope() as session:
-            row = new_adapter_row(
+            row = publish_version(
                 session, id=adapter_id, team_id=team.id, name=name, fine_tuned_model=None, base_model=base.id,
                 job_id=None, storage_key=key, method="lora", rank=summary.rank,
                 target_modules=summary.target_modules, trainable_params=summary.trainable_params,
-                base_params=count_folder_params(Path(base.path)), bytes=size,
+                base_params=metadata.base_params, bytes=size,
                 sha256=sha, metrics={}, status="ready", source="import")
             commit_into_place(session, storage, temp, key)
             public = _public(session, [row])[0]
     finally:
         storage.delete(temp)
-    announce("published", team_id=team.id, adapter_id=adapter_id, name=name, version=public.version)
     return public
 
 
@@ -164,17 +151,8 @@ async def import_adapter(request: Request, team: CurrentTeam, settings: Settings
 def delete_adapter(ref: str, session: SessionDep, team: CurrentTeam) -> DeletedObject:
     """Delete one adapter version and its stored files; aliases pointing at it go too."""
     row = get_team_adapter(session, team, ref)
-    delete_adapter_row(session, row)
+    delete_version(session, row)
     return DeletedObject(id=row.id, object="adapter")
-
-
-def delete_adapter_row(session, row: Adapter) -> None:
-    """Retire an adapter version (its number is never reused), drop its aliases and files, tell servers."""
-    row.status = "deleted"
-    drop_aliases_to(session, row)
-    session.commit()
-    get_storage().delete(row.storage_key)
-    announce("deleted", team_id=row.team_id, adapter_id=row.id)
 
 
 @router.post("/{name}/aliases", response_model=AdapterPublic)
@@ -186,10 +164,8 @@ def set_alias(name: str, body: AliasMove, session: SessionDep, team: CurrentTeam
     target = find_team_adapter(session, team.id, ref)
     if target is None or target.name != name:
         raise not_found("adapter version", ref, "version" if body.version is not None else "adapter_id")
-    event = move_alias(session, team.id, name, body.alias, target)
+    move_alias(session, team.id, name, body.alias, target)
     session.commit()
-    announce("alias_moved", team_id=team.id, name=name, alias=body.alias, adapter_id=target.id,
-             previous_adapter_id=event.previous_adapter_id)
     return _public(session, [target])[0]
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from api.deps import CurrentTeam, SessionDep
-from api.routes.adapters import delete_adapter_row
 from api.routing import team_router
 from core.errors import not_found
 from core.models import Adapter, AdapterAlias, BaseModelRecord
-from core.registry import find_team_adapter
+from core.registry import delete_version, find_team_adapter
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.models import ModelPublic
 
@@ -59,5 +58,5 @@ def retrieve_model(model_id: str, session: SessionDep, team: CurrentTeam) -> Mod
 @router.delete("/{model_id:path}", response_model=DeletedObject)
 def delete_model(model_id: str, session: SessionDep, team: CurrentTeam) -> DeletedObject:
     """Delete one of the team's fine-tuned models and its stored adapter."""
-    delete_adapter_row(session, _team_adapter(session, team, model_id))
+    delete_version(session, _team_adapter(session, team, model_id))
     return DeletedObject(id=model_id, object="model")

@@ -1,20 +1,25 @@
 """Hot-swap notifications: keep resident adapters in step with the registry without a restart.
 
 Requests always resolve `name:alias` to an immutable version in the API, so a moved alias
-takes effect for the next request by itself. This loop makes the switch cheap and tidy:
-when an alias moves away from a resident version, the new version is loaded ahead of its
-first request; deleted versions are unloaded. Redis pub/sub when the broker is Redis,
-polling of the alias history otherwise.
+takes effect for the next request by itself. This loop makes the switch cheap and tidy. It
+follows the registry's change feed (core/notify.py) from the newest change at startup: woken at
+once by Redis pub/sub when the broker is Redis, otherwise every `registry_poll_seconds`. Both
+paths read the feed, so they apply the same changes in commit order. Per kind:
+
+- `alias_moved`: when the alias moved away from a resident version, the new version (if it is for
+  this server's base) is loaded ahead of its first request.
+- `deleted`: the version is unloaded; if requests still hold it, it is unpinned and evicted once idle.
+- `published`: nothing to do. A new version has no alias yet (pointing one at it is an
+  `alias_moved`), and pins name immutable versions, so it loads on its first request like any other.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
 from core.db import session_scope
-from core.notify import CHANNEL, changes_since, redis_url
+from core.notify import CHANNEL, changes_since, latest_change_id, redis_url
 from core.settings import Settings
 
 log = logging.getLogger("patchbay.registry_sync")
@@ -28,8 +33,7 @@ class RegistrySync:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-sync", daemon=True)
         with session_scope() as session:
-            events = changes_since(session, 0)
-            self._last_event_id = events[-1].id if events else 0
+            self.last_change_id = latest_change_id(session)
 
     def start(self) -> None:
         """Start following the registry."""
@@ -41,7 +45,7 @@ class RegistrySync:
         self._thread.join(timeout=5)
 
     def apply(self, change: dict) -> None:
-        """Apply one change: prefetch the new version of a moved alias, unload a deleted one."""
+        """Apply one change (a `core.notify.change_payload`): see the module docstring for each kind."""
         resident = self.service.engine.adapters.states()
         kind = change.get("kind")
         if kind == "alias_moved" and change.get("previous_adapter_id") in resident and change.get("adapter_id"):
@@ -50,7 +54,20 @@ class RegistrySync:
                 log.info("alias %s:%s moved; preloading %s", change.get("name"), change.get("alias"), ref.id)
                 self.service.ensure(ref)
         elif kind == "deleted" and change.get("adapter_id") in resident:
+            log.info("adapter %s was deleted; unloading it", change["adapter_id"])
             self.service.unload(change["adapter_id"])
+
+    def catch_up(self) -> int:
+        """Apply every feed change after the last one applied, oldest first; returns how many there were."""
+        with session_scope() as session:
+            changes = changes_since(session, self.last_change_id)
+        for change in changes:
+            self.last_change_id = change["id"]  # a change that fails to apply is logged, not retried forever
+            try:
+                self.apply(change)
+            except Exception:
+                log.warning("could not apply registry change %s", change, exc_info=True)
+        return len(changes)
 
     def _run(self) -> None:
         url = redis_url()
@@ -64,22 +81,19 @@ class RegistrySync:
     def _follow_redis(self, url: str) -> None:
         import redis
 
-        pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+        pubsub = redis.Redis.from_url(url).pubsub()
         pubsub.subscribe(CHANNEL)
         try:
             while not self._stop.is_set():
                 message = pubsub.get_message(timeout=1.0)
-                if message and message.get("type") == "message":
-                    self.apply(json.loads(message["data"]))
+                # The subscription's confirmation also wakes us: we catch up on what changed while we
+                # were not subscribed, and from then on no announcement can slip by.
+                if message and message.get("type") in ("subscribe", "message"):
+                    self.catch_up()
         finally:
             pubsub.close()
 
     def _poll(self) -> None:
-        with session_scope() as session:
-            changes = [{"kind": "alias_moved" if e.adapter_id else "alias_removed", "name": e.name, "alias": e.alias,
-                        "adapter_id": e.adapter_id, "previous_adapter_id": e.previous_adapter_id, "id": e.id}
-                       for e in changes_since(session, self._last_event_id)]
-        for change in changes:
-            self._last_event_id = change["id"]
-            self.apply(change)
-        self._stop.wait(self.settings.registry_poll_seconds)
+        while not self._stop.is_set():
+            self.catch_up()
+            self._stop.wait(self.settings.registry_poll_seconds)
