@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from core import job_lifecycle
 from core.db import session_scope
 from core.events import add_event
 from core.fair_share import TeamQueue, fair_order
 from core.ids import now
-from core.leases import ACTIVE_STATUSES
+from core.job_lifecycle import ACTIVE_STATUSES, QUEUED, RUNNING, VALIDATING_FILES
 from core.models import File, Job, OutboxMessage, Team
 from core.periodic import Periodic
 from core.queue import TRAIN_TASK, send_train
@@ -30,7 +31,7 @@ from core.workers import forget_dead_workers, live_capacity
 log = logging.getLogger("patchbay.dispatch")
 MAX_ATTEMPTS = 5
 SCHEDULING_LOCK = 0x7061_7463_6862  # "patchb": the advisory lock key of the dispatchers' turn
-IN_FLIGHT = or_(Job.status == "running", and_(Job.status == "queued", Job.dispatched_at.is_not(None)))
+IN_FLIGHT = or_(Job.status == RUNNING, and_(Job.status == QUEUED, Job.dispatched_at.is_not(None)))
 """Jobs that hold a worker slot: training, or sent to the broker and about to be taken."""
 
 
@@ -44,27 +45,11 @@ def _check_files(session: Session, job: Job) -> str | None:
     return None
 
 
-def _move(session: Session, job: Job, from_statuses: tuple[str, ...], **values) -> bool:
-    """Change the job only while it is still in one of `from_statuses`: a user's cancel or a worker's finish
-    that came first is never overwritten. True if it changed."""
-    result = session.execute(update(Job).where(Job.id == job.id, Job.status.in_(from_statuses)).values(**values))
-    return result.rowcount == 1
-
-
-def _fail(session: Session, job: Job, from_statuses: tuple[str, ...], code: str, message: str, event: str,
-          param: str | None = None) -> bool:
-    if not _move(session, job, from_statuses, status="failed", finished_at=now(), lease_owner=None,
-                 lease_expires_at=None, error={"code": code, "message": message, "param": param}):
-        return False
-    add_event(session, job.id, event, level="error")
-    return True
-
-
 def _admit(session: Session) -> None:
     """Move new jobs whose files are usable to `queued` (or fail them), and close rows of finished jobs."""
     rows = session.execute(
         select(OutboxMessage, Job).join(Job, Job.id == OutboxMessage.job_id)
-        .where(OutboxMessage.sent_at.is_(None), Job.status != "queued").order_by(OutboxMessage.id).limit(200)
+        .where(OutboxMessage.sent_at.is_(None), Job.status != QUEUED).order_by(OutboxMessage.id).limit(200)
         .with_for_update(of=OutboxMessage, skip_locked=True)  # another API's dispatcher skips these rows
     ).all()
     for message, job in rows:
@@ -73,10 +58,11 @@ def _admit(session: Session) -> None:
             continue
         problem = _check_files(session, job)
         if problem:
-            _fail(session, job, ("validating_files",), "invalid_training_file", problem, f"Job failed: {problem}",
-                  param="training_file")
+            if job_lifecycle.fail(session, job.id, code="invalid_training_file", message=problem,
+                                  param="training_file", from_statuses=(VALIDATING_FILES,)):
+                add_event(session, job.id, f"Job failed: {problem}", level="error")
             message.sent_at = now()
-        elif _move(session, job, ("validating_files",), status="queued"):
+        elif job_lifecycle.queue(session, job.id, from_statuses=(VALIDATING_FILES,)):
             add_event(session, job.id, "Files validated; job queued.")
     session.commit()
 
@@ -86,7 +72,7 @@ def _team_queues(session: Session, settings: Settings, free: int) -> dict[str, T
     rank = func.row_number().over(partition_by=Job.team_id, order_by=OutboxMessage.id).label("rank")
     waiting = select(OutboxMessage.id.label("message_id"), Job.team_id.label("team_id"), rank) \
         .join(Job, Job.id == OutboxMessage.job_id) \
-        .where(OutboxMessage.sent_at.is_(None), Job.status == "queued", Job.dispatched_at.is_(None)).subquery()
+        .where(OutboxMessage.sent_at.is_(None), Job.status == QUEUED, Job.dispatched_at.is_(None)).subquery()
     queues: dict[str, TeamQueue] = {}
     for message_id, team_id in session.execute(
             select(waiting.c.message_id, waiting.c.team_id).where(waiting.c.rank <= free)
@@ -146,8 +132,9 @@ def dispatch_pending(settings: Settings | None = None, session_factory=session_s
 
 
 def _redispatch(session: Session, job: Job, reason: str, message: str) -> None:
+    """Send a queued job again: a new outbox row; it waits undispatched until a worker has room."""
     session.add(OutboxMessage(job_id=job.id, task=TRAIN_TASK, reason=reason))
-    job.dispatched_at = None  # waiting again: the dispatcher sends it when a worker has room
+    job.dispatched_at = None
     add_event(session, job.id, message, level="warn")
 
 
@@ -157,33 +144,30 @@ def reconcile(settings: Settings, session_factory=session_scope) -> dict[str, in
     t = now()
     with session_factory() as session:
         for job in session.scalars(select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.deadline_at < t)).all():
-            counts["failed"] += _fail(session, job, ACTIVE_STATUSES, "deadline_exceeded",
-                                      f"The job did not finish within {settings.job_deadline_seconds} seconds.",
-                                      "Job failed: deadline exceeded.")
+            if job_lifecycle.expire(session, job.id, deadline_seconds=settings.job_deadline_seconds):
+                add_event(session, job.id, "Job failed: deadline exceeded.", level="error")
+                counts["failed"] += 1
         session.flush()
 
         stale_before = t - settings.redispatch_after_seconds
         unsent = select(OutboxMessage.job_id).where(OutboxMessage.sent_at.is_(None))
         lost = session.scalars(select(Job).where(
-            Job.status == "queued", Job.dispatched_at < stale_before, Job.id.not_in(unsent)))
+            Job.status == QUEUED, Job.dispatched_at < stale_before, Job.id.not_in(unsent)))
         for job in lost:
             _redispatch(session, job, "not_taken",
                         "No worker took the job; the queue message may have been lost. Re-dispatching.")
             counts["redispatched"] += 1
 
-        expired = session.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < t)).all()
-        for job in expired:
+        lapsed = session.scalars(select(Job).where(Job.status == RUNNING, Job.lease_expires_at < t)).all()
+        for job in lapsed:
             if job.attempts >= MAX_ATTEMPTS:
-                counts["failed"] += _fail(session, job, ("running",), "worker_lost",
-                                          f"The worker stopped responding {job.attempts} times; giving up.",
-                                          "Job failed: its worker was lost too many times.")
+                if job_lifecycle.fail(session, job.id, code="worker_lost", from_statuses=(RUNNING,),
+                                      message=f"The worker stopped responding {job.attempts} times; giving up."):
+                    add_event(session, job.id, "Job failed: its worker was lost too many times.", level="error")
+                    counts["failed"] += 1
                 continue
             # Back to queued so the next worker can take it, then resume from its checkpoint.
-            result = session.execute(update(Job).where(Job.id == job.id, Job.status == "running",
-                                                       Job.lease_expires_at < t)
-                                     .values(status="queued", lease_owner=None, lease_expires_at=None)
-                                     .execution_options(synchronize_session=False))
-            if result.rowcount == 1:
+            if job_lifecycle.queue(session, job.id, from_statuses=(RUNNING,)):
                 _redispatch(session, job, "lease_expired",
                             "The worker running this job stopped renewing its lease. Re-dispatching.")
                 counts["redispatched"] += 1

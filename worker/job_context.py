@@ -12,7 +12,7 @@ from sqlalchemy import select
 from core.db import session_scope
 from core.events import add_event
 from core.ids import new_id, now
-from core.leases import renew_lease
+from core.leases import holds_lease, renew_lease
 from core.models import Checkpoint, Job
 from core.settings import Settings
 from core.storage import LocalStorage
@@ -87,8 +87,7 @@ class DbJobContext:
         if time.monotonic() - self._last_status_check >= STATUS_CHECK_SECONDS:
             self._last_status_check = time.monotonic()
             with session_scope() as session:
-                job = session.get(Job, self.job_id)
-                if job is None or job.status != "running" or job.lease_owner != self.heartbeat.owner:
+                if not holds_lease(session, self.job_id, self.heartbeat.owner):
                     self.heartbeat.lost.set()
         return self.heartbeat.lost.is_set()
 

@@ -17,7 +17,7 @@ from core.datasets import validate_file
 from core.db import session_scope
 from core.errors import ApiError, invalid, not_found
 from core.ids import new_id
-from core.leases import UNFINISHED_STATUSES
+from core.job_lifecycle import UNFINISHED_STATUSES
 from core.models import File, Job
 from core.schemas.common import DeletedObject, ListPage
 from core.schemas.files import FilePublic

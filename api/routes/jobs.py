@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -16,12 +15,13 @@ from api.deps import CurrentTeam, SessionDep, SettingsDep
 from api.pagination import After, Limit, page_newest_first
 from api.routing import team_router
 from api.team_slots import EVENT_STREAMS
+from core import job_lifecycle
 from core.base_models import has_chat_template
 from core.db import session_scope
 from core.errors import ApiError, invalid, not_found
 from core.events import add_event
-from core.ids import new_id, now
-from core.leases import TERMINAL_STATUSES
+from core.ids import new_id
+from core.job_lifecycle import CANCELLED, PAUSED, TERMINAL_STATUSES
 from core.models import (
     BaseModelRecord,
     Checkpoint,
@@ -46,6 +46,7 @@ from core.schemas.jobs import (
 )
 from core.schemas.training import resolve_training
 from core.settings import Settings
+from core.sse import DONE, EventSourceResponse, ServerSentEvent, event_stream
 from core.stores import store_outage
 
 router = team_router("/v1/fine_tuning/jobs", "fine-tuning")
@@ -91,21 +92,18 @@ def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings
     training = files["training_file"]
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     resolved = resolve_training(body.chosen_hyperparameters(), body.peft, training.n_examples, seed)
-    created = now()
-    job = Job(
+    job = job_lifecycle.new_job(
+        deadline_seconds=settings.job_deadline_seconds,
         id=new_id("ftjob"),
         team_id=team.id,
         model=body.model,
         training_file=body.training_file,
         validation_file=body.validation_file,
-        status="validating_files",
         spec=body.model_dump(mode="json"),
         resolved=resolved.model_dump(mode="json"),
         suffix=body.suffix,
         seed=seed,
         user_metadata=body.metadata,
-        created_at=created,
-        deadline_at=created + settings.job_deadline_seconds,
     )
     session.add(job)
     session.flush()
@@ -139,17 +137,16 @@ def retrieve_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPubl
     return JobPublic.of(get_team_job(session, team, job_id))
 
 
-def _take_job_from_its_worker(session, team, job_id: str, status: str, verb: str, message: str) -> JobPublic:
-    """Move an unfinished job to `status` (idempotent); its worker sees the change and stops."""
+def _take_job_from_its_worker(session, team, job_id: str, move, status: str, verb: str, message: str) -> JobPublic:
+    """Move an unfinished job to `status` with `move` (idempotent); its worker sees the change and stops."""
     job = get_team_job(session, team, job_id)
-    if job.status == status:
-        return JobPublic.of(job)
-    if job.status in TERMINAL_STATUSES:
-        raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be {verb}.", code="job_finished")
-    job.status, job.lease_owner, job.lease_expires_at = status, None, None
-    if status in TERMINAL_STATUSES:
-        job.finished_at = now()
-    add_event(session, job.id, message)
+    while job.status != status:
+        if not job_lifecycle.can_move(job.status, status):
+            raise ApiError(409, f"Job '{job_id}' has already {job.status}; it cannot be {verb}.", code="job_finished")
+        if move(session, job.id, from_statuses=(job.status,)):
+            add_event(session, job.id, message)
+        else:  # a worker or the dispatcher moved it first: decide again on its new status
+            session.refresh(job)
     session.flush()
     return JobPublic.of(job)
 
@@ -157,26 +154,33 @@ def _take_job_from_its_worker(session, team, job_id: str, status: str, verb: str
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
     """Cancel a job; a running worker notices within one step and stops."""
-    return _take_job_from_its_worker(session, team, job_id, "cancelled", "cancelled", "Job cancelled by the user.")
+    return _take_job_from_its_worker(session, team, job_id, job_lifecycle.cancel, CANCELLED, "cancelled",
+                                     "Job cancelled by the user.")
 
 
 @router.post("/{job_id}/pause", response_model=JobPublic)
 def pause_job(job_id: str, session: SessionDep, team: CurrentTeam) -> JobPublic:
     """Pause a job; a running worker stops within one step, keeping its checkpoints."""
     return _take_job_from_its_worker(
-        session, team, job_id, "paused", "paused",
+        session, team, job_id, job_lifecycle.pause, PAUSED, "paused",
         "Job paused by the user; resume it to continue from its newest checkpoint.")
+
+
+def _not_paused(job: Job) -> ApiError:
+    return ApiError(409, f"Job '{job.id}' is {job.status}, not paused.", code="job_not_paused")
 
 
 @router.post("/{job_id}/resume", response_model=JobPublic)
 def resume_job(job_id: str, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> JobPublic:
     """Queue a paused job again; it continues from its newest checkpoint with a fresh deadline."""
     job = get_team_job(session, team, job_id)
-    if job.status != "paused":
-        raise ApiError(409, f"Job '{job_id}' is {job.status}, not paused.", code="job_not_paused")
+    if job.status != PAUSED:
+        raise _not_paused(job)
     check_queued_jobs(session, team, settings)
     # Waiting again (not dispatched): the dispatcher sends it when a worker slot is free.
-    job.status, job.deadline_at, job.dispatched_at = "queued", now() + settings.job_deadline_seconds, None
+    if not job_lifecycle.resume(session, job.id, deadline_seconds=settings.job_deadline_seconds):
+        session.refresh(job)  # cancelled meanwhile
+        raise _not_paused(job)
     session.add(OutboxMessage(job_id=job.id, task=TRAIN_TASK, reason="resumed"))
     add_event(session, job.id, "Job resumed by the user.")
     session.flush()
@@ -185,13 +189,12 @@ def resume_job(job_id: str, session: SessionDep, team: CurrentTeam, settings: Se
 
 @router.get("/{job_id}/events", response_model=None)
 def list_events(job_id: str, session: SessionDep, team: CurrentTeam, settings: SettingsDep, after: After = None,
-                limit: Limit = 20, stream: bool = False) -> ListPage[JobEventPublic] | StreamingResponse:
+                limit: Limit = 20, stream: bool = False) -> ListPage[JobEventPublic] | EventSourceResponse:
     """The job's events, newest first; with `stream=true`, Server-Sent Events from the start, live."""
     get_team_job(session, team, job_id)
     if stream:
         EVENT_STREAMS.check(team.id, team.name, settings.team_max_event_streams)
-        return StreamingResponse(_stream_events(job_id, team, settings), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(_stream_events(job_id, team, settings))
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after:
         cursor = session.scalar(select(JobEvent.seq).where(JobEvent.id == after, JobEvent.job_id == job_id))
@@ -210,12 +213,13 @@ def _events_after(job_id: str, last_seq: int) -> tuple[list[tuple[int, str]], st
         return events, session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-async def _stream_events(job_id: str, team: Team, settings: Settings) -> AsyncIterator[bytes]:
+async def _stream_events(job_id: str, team: Team, settings: Settings) -> AsyncIterator[ServerSentEvent]:
     """Every event in order, then new ones as they are written, until the job ends.
 
-    No connection is held between polls, and a store outage pauses the stream instead of ending it.
+    No connection is held between polls, and a store outage pauses the stream instead of ending it
+    (`event_stream` sends keep-alive pings meanwhile).
     """
-    last_seq, idle_polls = 0, 0
+    last_seq = 0
     with EVENT_STREAMS.hold(team.id, team.name, settings.team_max_event_streams, checked=True):
         while True:
             try:
@@ -226,13 +230,10 @@ async def _stream_events(job_id: str, team: Team, settings: Settings) -> AsyncIt
                 events, status = [], "unknown"
             for seq, payload in events:
                 last_seq = seq
-                yield f"data: {payload}\n\n".encode()
+                yield ServerSentEvent(raw_data=payload)
             if not events and (status is None or status in TERMINAL_STATUSES):
-                yield b"data: [DONE]\n\n"
+                yield DONE
                 return
-            idle_polls = 0 if events else idle_polls + 1
-            if idle_polls and idle_polls % 30 == 0:
-                yield b": keep-alive\n\n"
             if not events:
                 await asyncio.sleep(STREAM_POLL_SECONDS)
 

@@ -157,14 +157,14 @@ def test_a_job_with_two_waiting_messages_is_sent_once(job_id):
 
 
 def test_admission_never_overwrites_a_cancel_that_came_first(api, job_id):
-    from api.dispatch import _move
+    from core import job_lifecycle
 
     with session_scope() as dispatcher:
         job = dispatcher.get(Job, job_id)  # the dispatcher has read the job as validating_files...
         assert job.status == "validating_files"
         cancelled = api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=api.headers())
         assert cancelled.json()["status"] == "cancelled"  # ...when the user cancels it
-        assert _move(dispatcher, job, ("validating_files",), status="queued") is False
+        assert job_lifecycle.queue(dispatcher, job.id, from_statuses=(job.status,)) is False
     assert _job(job_id).status == "cancelled"
     offer_worker_slots(1)
     assert dispatch_pending() == 0 and _job(job_id).status == "cancelled"
