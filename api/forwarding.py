@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from core.errors import error_response, unavailable
 from core.schemas.inference import AdapterRef
 from core.settings import get_settings
+from core.sse import ServerSentEvent, event_stream, read_events
 
 log = logging.getLogger("patchbay.forward")
 ADAPTER_HEADER = "X-Patchbay-Adapter"
 _round_robin = itertools.count()
 _client: httpx.AsyncClient | None = None
+_client_loop: asyncio.AbstractEventLoop | None = None
 
 
 def _http() -> httpx.AsyncClient:
-    global _client
-    if _client is None:
-        _client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=5))
+    """The pooled client of the running event loop (a server runs one loop; its connections belong to it)."""
+    global _client, _client_loop
+    loop = asyncio.get_running_loop()
+    if _client is None or _client_loop is not loop:
+        _client, _client_loop = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=5)), loop
     return _client
 
 
@@ -63,9 +69,7 @@ async def forward(path: str, body: dict, headers: dict[str, str], stream: bool,
             log.warning("inference replica %s unreachable: %s", base_url, exc)
             continue
         if stream and upstream.status_code == 200:
-            return StreamingResponse(_relay(upstream, on_usage, client_wants_usage), status_code=200,
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(_relay(upstream, on_usage, client_wants_usage))
         try:
             content = await upstream.aread()
         except httpx.TransportError as exc:
@@ -90,12 +94,12 @@ def _completion_tokens(answer) -> int:
     return tokens if isinstance(tokens, int) and tokens > 0 else 0
 
 
-async def broadcast(path: str, body: dict) -> list[dict]:
+async def broadcast(path: str, body: BaseModel) -> list[dict]:
     """POST to every replica (runtime adapter loading); returns each replica's answer."""
     answers = []
     for base_url in get_settings().inference_urls:
         try:
-            response = await _http().post(f"{base_url}{path}", json=body)
+            response = await _http().post(f"{base_url}{path}", json=body.model_dump(mode="json"))
             answers.append({"replica": base_url, "status": response.status_code, "body": response.json()})
         except (httpx.TransportError, json.JSONDecodeError) as exc:
             answers.append({"replica": base_url, "status": 503, "body": {"error": str(exc)}})
@@ -103,36 +107,31 @@ async def broadcast(path: str, body: dict) -> list[dict]:
 
 
 async def _relay(upstream: httpx.Response, on_usage: UsageHook | None,
-                 client_wants_usage: bool) -> AsyncIterator[bytes]:
-    """Pass SSE events through; note the usage chunk's token count, keeping it only if the client asked."""
-    pending, tokens = b"", 0
+                 client_wants_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    """The replica's events; note the usage chunk's token count, keeping the chunk only if the client asked.
+
+    The replica's keep-alive comments stay behind: the relay sends its own.
+    """
+    tokens = 0
     try:
-        async for chunk in upstream.aiter_raw():
-            if on_usage is None:
-                yield chunk
-                continue
-            pending += chunk
-            *events, pending = pending.split(b"\n\n")
-            for event in events:
-                usage_tokens = _usage_event_tokens(event)
-                tokens += usage_tokens or 0
-                if usage_tokens is None or client_wants_usage:
-                    yield event + b"\n\n"
-        if pending:
-            yield pending
+        async for event in read_events(upstream.aiter_bytes()):
+            usage_tokens = _usage_event_tokens(event.raw_data or "") if on_usage is not None else None
+            tokens += usage_tokens or 0
+            if usage_tokens is None or client_wants_usage:
+                yield event
     finally:
         await upstream.aclose()
         if on_usage is not None and tokens:
             await on_usage(tokens)
 
 
-def _usage_event_tokens(event: bytes) -> int | None:
-    """The completion tokens of a usage-only SSE chunk, or None for any other event."""
-    if b'"usage"' not in event or not event.startswith(b"data: {"):
+def _usage_event_tokens(data: str) -> int | None:
+    """The completion tokens of a usage-only chunk, or None for any other event."""
+    if '"usage"' not in data or not data.startswith("{"):
         return None
     try:
-        payload = json.loads(event[6:])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        payload = json.loads(data)
+    except json.JSONDecodeError:
         return None
     if not isinstance(payload, dict) or payload.get("choices") or not isinstance(payload.get("usage"), dict):
         return None

@@ -22,6 +22,8 @@ from core.schemas.inference import (
     AdapterRef,
     ChatCompletionCreate,
     CompletionCreate,
+    InternalLoadAdapter,
+    InternalUnloadAdapter,
     LoadLoraAdapter,
     UnloadLoraAdapter,
 )
@@ -88,8 +90,7 @@ async def load_lora_adapter(body: LoadLoraAdapter, team: AdminTeam) -> dict:
         raise invalid("lora_path must name a registry adapter (import local folders with POST /v1/adapters/import).",
                       "lora_path")
     adapter = await run_in_threadpool(_team_adapter_ref, team.id, ref, "lora_path")
-    payload = {"adapter": adapter.model_dump(), "pinned": True}
-    answers = await broadcast("/internal/adapters/load", payload)
+    answers = await broadcast("/internal/adapters/load", InternalLoadAdapter(adapter=adapter, pinned=True))
     return {"object": "lora_adapter", "lora_name": body.lora_name, "adapter_id": adapter.id, "replicas": answers}
 
 
@@ -97,5 +98,5 @@ async def load_lora_adapter(body: LoadLoraAdapter, team: AdminTeam) -> dict:
 async def unload_lora_adapter(body: UnloadLoraAdapter, team: AdminTeam) -> dict:
     """Unpin and unload an adapter on every replica (idempotent)."""
     adapter = await run_in_threadpool(_team_adapter_ref, team.id, body.lora_name, "lora_name")
-    answers = await broadcast("/internal/adapters/unload", {"adapter_id": adapter.id})
+    answers = await broadcast("/internal/adapters/unload", InternalUnloadAdapter(adapter_id=adapter.id))
     return {"object": "lora_adapter", "lora_name": body.lora_name, "adapter_id": adapter.id, "replicas": answers}

@@ -140,3 +140,16 @@ class UnloadLoraAdapter(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1, max_length=256)
+
+
+class InternalLoadAdapter(BaseModel):
+    """The body of an inference server's `POST /internal/adapters/load` (sent by the API to every replica)."""
+
+    adapter: AdapterRef
+    pinned: bool = False
+
+
+class InternalUnloadAdapter(BaseModel):
+    """The body of an inference server's `POST /internal/adapters/unload`."""
+
+    adapter_id: str
