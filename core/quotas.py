@@ -12,11 +12,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.errors import ApiError
+from core.job_lifecycle import QUEUED, RUNNING, VALIDATING_FILES
 from core.models import Adapter, File, Job, Team
 from core.settings import Settings
 
 LIMIT_NAMES = ("max_running_jobs", "max_queued_jobs", "storage_bytes", "requests_per_minute", "tokens_per_minute")
-WAITING_STATUSES = ("validating_files", "queued")
+WAITING_STATUSES = (VALIDATING_FILES, QUEUED)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def storage_full(team: Team, limit: int, current: int) -> ApiError:
 def team_usage(session: Session, team_id: str) -> dict[str, int]:
     """What the team uses now, beside each limit it counts against."""
     running = session.scalar(select(func.count()).select_from(Job)
-                             .where(Job.team_id == team_id, Job.status == "running")) or 0
+                             .where(Job.team_id == team_id, Job.status == RUNNING)) or 0
     return {"running_jobs": running, "queued_jobs": waiting_jobs(session, team_id),
             "storage_bytes": storage_used(session, team_id)}
 

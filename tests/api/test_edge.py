@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import select
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.support.services import free_port
+from tests.support.live_server import live_server
 
 
 @pytest.fixture
@@ -25,16 +23,8 @@ def server(api_with) -> Iterator[tuple[str, str]]:
     def broken() -> dict:
         raise RuntimeError("a bug")
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", harness.key
-    server.should_exit = True
-    thread.join(10)
+    with live_server(app) as url:
+        yield url, harness.key
 
 
 def _raw_request(url: str, head: bytes, body: bytes = b"") -> socket.socket:

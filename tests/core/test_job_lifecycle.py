@@ -25,7 +25,8 @@ from core.job_lifecycle import (
     IllegalTransition,
 )
 from core.models import Job
-from tests.support.job_rows import add_job, migrated_database, read_job
+from tests.support.job_rows import add_job, read_job
+from tests.support.migrated import migrated_database
 
 OWNER = "worker-1"
 MOVES = {

@@ -10,7 +10,8 @@ from core.ids import now
 from core.job_lifecycle import CANCELLED, QUEUED, RUNNING, SUCCEEDED
 from core.leases import holds_lease, renew_lease
 from core.models import Job
-from tests.support.job_rows import add_job, migrated_database, read_job
+from tests.support.job_rows import add_job, read_job
+from tests.support.migrated import migrated_database
 
 LEASE = 30.0
 

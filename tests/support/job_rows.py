@@ -1,34 +1,8 @@
-"""A database migrated by Patchbay's own migrations and used through its own engine, and job rows in any status."""
+"""Job rows in any status, written straight to a migrated database (see tests.support.migrated)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
-
-import pytest
-
-
-@contextmanager
-def migrated_database(data_dir: Path, database_url: str | None = None) -> Iterator[None]:
-    """Point PATCHBAY_* at a new data dir and `database_url` (default: SQLite in the data dir), migrate it to
-    head, and forget it afterwards."""
-    from core.migrate import upgrade_head
-    from tests.support.api_app import clear_caches
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PATCHBAY_DATA_DIR", str(data_dir))
-        for name in ("PATCHBAY_DATABASE_URL", "PATCHBAY_BROKER_URL", "PATCHBAY_STORAGE_DIR"):
-            patch.delenv(name, raising=False)
-        if database_url:
-            patch.setenv("PATCHBAY_DATABASE_URL", database_url)
-        clear_caches()
-        upgrade_head()
-        try:
-            yield
-        finally:
-            clear_caches()
 
 
 def add_job(status: str, **fields: Any) -> str:

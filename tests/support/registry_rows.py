@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 BASE = "tiny-base"
 
 
@@ -28,32 +26,17 @@ def fresh_registry(data_dir: Path, database_url: str | None = None, broker_url: 
     add two teams (new names each time, so a shared Postgres database works too) and the base `tiny-base`."""
     from core.auth import create_team
     from core.db import session_scope
-    from core.migrate import upgrade_head
     from core.models import BaseModelRecord
-    from tests.support.api_app import clear_caches
+    from tests.support.migrated import migrated_database
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PATCHBAY_DATA_DIR", str(data_dir))
-        for name, value in (("PATCHBAY_DATABASE_URL", database_url), ("PATCHBAY_BROKER_URL", broker_url)):
-            if value:
-                patch.setenv(name, value)
-            else:
-                patch.delenv(name, raising=False)
-        patch.delenv("PATCHBAY_STORAGE_DIR", raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        clear_caches()
-        upgrade_head()
+    with migrated_database(data_dir, database_url, broker_url, **env):
         suffix = secrets.token_hex(3)
         with session_scope() as session:
             teams = Teams(acme=create_team(session, f"acme-{suffix}").id,
                           globex=create_team(session, f"globex-{suffix}").id)
             if session.get(BaseModelRecord, BASE) is None:
                 session.add(BaseModelRecord(id=BASE, path=str(data_dir)))
-        try:
-            yield teams
-        finally:
-            clear_caches()
+        yield teams
 
 
 def version_fields(**overrides) -> dict:

@@ -14,7 +14,8 @@ from core.job_lifecycle import QUEUED
 from core.models import Checkpoint, Job, JobEvent
 from core.settings import Settings
 from core.storage import get_storage
-from tests.support.job_rows import add_job, migrated_database, read_job
+from tests.support.job_rows import add_job, read_job
+from tests.support.migrated import migrated_database
 from worker import job_context
 from worker.job_context import DbJobContext, LeaseHeartbeat
 

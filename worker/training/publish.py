@@ -17,6 +17,7 @@ from core.registry import publish_version
 from core.schemas.peft_methods import RANKED_METHODS
 from core.schemas.training import techniques_of
 from core.storage import LocalStorage, folder_sha256
+from worker.formats.files import ADAPTER_CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class _PeftFacts:
 
 
 def _peft_facts(adapter_dir: Path, job: Job) -> _PeftFacts:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
     method = (job.resolved or {}).get("peft", {}).get("method", "lora")
     ranked = method in RANKED_METHODS
     targets = config.get("target_modules") or []
