@@ -117,7 +117,7 @@ def run_row(spec: dict, steps: int) -> dict:
     from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
     from demo.dataset import DATA_DIR
     from worker.training.artifacts import load_trained_model
-    from worker.training.recipe import TrainingJob
+    from worker.training.interface import TrainingJob
 
     training, validation = demo_examples()
     learning_rate = LEARNING_RATES[spec["method"]]

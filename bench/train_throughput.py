@@ -138,7 +138,7 @@ def peak_rss_mb() -> float:
 
 def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
     from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
-    from worker.training.recipe import TrainingJob
+    from worker.training.interface import TrainingJob
 
     examples = synthetic_chats(N_TRAIN, SEED)  # the recipe shuffles them itself, with the same seed
     config = resolve_training(

@@ -57,7 +57,7 @@ class LeaseHeartbeat:
 
 
 class DbJobContext:
-    """Implements the recipe's JobContext over the database and storage."""
+    """Implements the recipe's JobContext (worker.training.interface) over the database and storage."""
 
     def __init__(self, job_id: str, heartbeat: LeaseHeartbeat, storage: LocalStorage, work_dir: Path) -> None:
         self.job_id, self.heartbeat, self.storage, self.work_dir = job_id, heartbeat, storage, work_dir

@@ -54,8 +54,9 @@ def run_job(job_id: str) -> str:
 
 def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_dir: Path) -> str:
     from core.schemas.training import ResolvedTraining
+    from worker.training.interface import TrainingJob, TrainingStopped
     from worker.training.publish import publish_adapter, write_metadata
-    from worker.training.recipe import TrainingJob, TrainingStopped, run_training
+    from worker.training.recipe import run_training
 
     storage = get_storage()
     with session_scope() as session:

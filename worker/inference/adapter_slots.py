@@ -19,7 +19,8 @@ from worker.formats.files import AdapterLoadError
 from worker.formats.prompt_learning import AttentionShape
 from worker.formats.served import BaseLayout, ServedAdapter, read_served_adapter
 from worker.inference.bottleneck_slots import BottleneckSlots
-from worker.inference.lora_slots import LoraSlotBank, RowRouting, dense_weight, install_lora_slots
+from worker.inference.lora_bank import LoraSlotBank, RowRouting
+from worker.inference.lora_slots import dense_weight, install_lora_slots
 from worker.inference.prompt_slots import PromptSlots
 
 

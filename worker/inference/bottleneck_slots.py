@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional
 
 from worker.formats.bottleneck import BottleneckAdapter, BottleneckBlock, activation_module
-from worker.inference.lora_slots import LoraSlotBank
+from worker.inference.lora_bank import LoraSlotBank
 from worker.model_parts import decoder_layers
 
 _MODULES = {"attention": "self_attn", "mlp": "mlp"}

@@ -11,7 +11,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,6 @@ from transformers import get_scheduler, set_seed
 
 from core.datasets import Example
 from core.schemas.peft_methods import PROMPT_LEARNING
-from core.schemas.training import ResolvedTraining
 from worker.base_loading import load_tokenizer
 from worker.device import choose_device
 from worker.training.artifacts import probe_record
@@ -32,6 +30,7 @@ from worker.training.data import (
     step_batches,
     tokenize_dataset,
 )
+from worker.training.interface import JobContext, TrainingJob, TrainingStopped, TrainResult
 from worker.training.model import (
     LoadedModel,
     evaluation_mode,
@@ -48,48 +47,6 @@ MAX_GRAD_NORM = 1.0
 """Gradient clipping, as transformers' Trainer does by default."""
 METRICS_INTERVAL_S = 2.0
 """Emit metrics at least this often (at step granularity), and on the first and last step."""
-
-
-@dataclass
-class TrainingJob:
-    """What to train: the base model folder, the examples and the resolved configuration."""
-
-    job_id: str
-    base_model_path: str
-    training_examples: list[Example]
-    validation_examples: list[Example] | None
-    config: ResolvedTraining
-    work_dir: Path  # scratch folder, exists
-
-
-class JobContext(Protocol):
-    """The worker's side of a running job: events, metrics, cancellation and checkpoint storage."""
-
-    def event(self, message: str, *, level: str = "info", data: dict | None = None) -> None: ...
-    def metrics(self, data: dict) -> None: ...
-    def should_stop(self) -> bool: ...  # cancelled, or the lease was lost
-    def latest_checkpoint(self) -> tuple[int, Path] | None: ...  # (step, local folder) to resume from
-    # Uploads and records the checkpoint; the folder may be deleted afterwards.
-    def save_checkpoint(self, step: int, folder: Path, metrics: dict) -> None: ...
-
-
-class TrainingStopped(Exception):
-    """Training stopped because the context asked it to (cancelled, or the lease was lost)."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished training run produced."""
-
-    adapter_dir: Path
-    steps: int
-    trained_tokens: int  # labelled+context real tokens processed, counting every epoch
-    metrics: dict  # final train_loss, valid_loss, first_train_loss, ...
-    quantization: dict  # quantization_report
-    trainable_params: int
-    total_params: int
-    base_params: int  # the base model's logical size (4-bit weights unquantized), adapter excluded
-    probe: dict  # logits of the trained in-memory model on a few positions (see artifacts.probe_record)
 
 
 @dataclass

@@ -9,11 +9,8 @@ import torch
 
 from tests.support.adapters import save_peft_lora
 from tests.worker.inference.conftest import load_peft_reference
-from worker.inference.lora_slots import (
-    STRATEGIES,
-    install_lora_slots,
-    target_linear_names,
-)
+from worker.inference.lora_bank import STRATEGIES
+from worker.inference.lora_slots import install_lora_slots, target_linear_names
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from core.datasets import Example, Message
 from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
-from worker.training.recipe import TrainingJob, TrainingStopped, run_training
+from worker.training.interface import TrainingJob, TrainingStopped
+from worker.training.recipe import run_training
 
 WORDS = "red green blue cyan magenta yellow black white orange purple".split()
 
