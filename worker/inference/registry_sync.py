@@ -9,8 +9,9 @@ paths read the feed, so they apply the same changes in commit order. Per kind:
 - `alias_moved`: when the alias moved away from a resident version, the new version (if it is for
   this server's base) is loaded ahead of its first request.
 - `deleted`: the version is unloaded; if requests still hold it, it is unpinned and evicted once idle.
-- `published`: nothing to do. A new version has no alias yet (pointing one at it is an
-  `alias_moved`), and pins name immutable versions, so it loads on its first request like any other.
+- `published`: the bare name (`bot`, the newest version) now resolves to the new version, so when an
+  older version of the same name is resident here, the new one is loaded ahead of its first request.
+  Pins name immutable versions and are left as they are.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from sqlalchemy import select
+
 from core.db import session_scope
+from core.models import Adapter
 from core.notify import CHANNEL, changes_since, latest_change_id, redis_url
 from core.settings import Settings
 
@@ -49,13 +53,19 @@ class RegistrySync:
         resident = self.service.engine.adapters.states()
         kind = change.get("kind")
         if kind == "alias_moved" and change.get("previous_adapter_id") in resident and change.get("adapter_id"):
-            ref = self.service.ref_for(change["adapter_id"])
-            if ref is not None and ref.base_model == self.service.base_model_id:
-                log.info("alias %s:%s moved; preloading %s", change.get("name"), change.get("alias"), ref.id)
-                self.service.ensure(ref)
+            self._preload(change["adapter_id"], f"alias {change.get('name')}:{change.get('alias')} moved")
+        elif kind == "published" and _other_versions(change) & resident.keys():
+            self._preload(change["adapter_id"], f"{change.get('name')} has a new version")
         elif kind == "deleted" and change.get("adapter_id") in resident:
             log.info("adapter %s was deleted; unloading it", change["adapter_id"])
             self.service.unload(change["adapter_id"])
+
+    def _preload(self, adapter_id: str, why: str) -> None:
+        """Load a version ahead of its first request, when it is live and for this server's base."""
+        ref = self.service.ref_for(adapter_id)
+        if ref is not None and ref.base_model == self.service.base_model_id:
+            log.info("%s; preloading %s", why, ref.id)
+            self.service.ensure(ref)
 
     def catch_up(self) -> int:
         """Apply every feed change after the last one applied, oldest first; returns how many there were."""
@@ -97,3 +107,11 @@ class RegistrySync:
         while not self._stop.is_set():
             self.catch_up()
             self._stop.wait(self.settings.registry_poll_seconds)
+
+
+def _other_versions(change: dict) -> set[str]:
+    """The ids of the other versions of the changed adapter's name (same team)."""
+    with session_scope() as session:
+        return set(session.scalars(select(Adapter.id).where(
+            Adapter.team_id == change.get("team_id"), Adapter.name == change.get("name"),
+            Adapter.id != change.get("adapter_id"))))

@@ -99,13 +99,16 @@ def test_a_moved_alias_preloads_its_new_version_when_the_old_one_is_resident(tea
     assert service.loaded == [v2.id]
 
 
-def test_a_published_version_needs_nothing(teams):
+def test_a_published_version_is_preloaded_when_an_older_one_is_resident(teams):
     resident = add_version(teams.acme, "bot")
     service = RecordingService(resident.id)
     sync = RegistrySync(service, get_settings())
-    add_version(teams.acme, "bot")
-    assert sync.catch_up() == 1
-    assert (service.loaded, service.unloaded) == ([], [])
+    newer = add_version(teams.acme, "bot")
+    add_version(teams.acme, "other")  # no version of it is resident: nothing to do
+    add_version(teams.globex, "bot")  # another team's name
+    add_version(teams.acme, "bot", base_model="other-base")  # not for this server
+    assert sync.catch_up() == 4
+    assert (service.loaded, service.unloaded) == ([newer.id], [])
 
 
 def test_a_change_that_fails_does_not_hold_up_the_next(teams):
