@@ -20,7 +20,7 @@ run: install  ## install, then run the whole service on the embedded defaults
 	HF_HUB_OFFLINE=1 $(BIN)/patchbay serve
 
 test: install  ## install, then run the whole test suite
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra --durations=25
 
 test-fast: install  ## the suite without the slow end-to-end tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra -m "not slow"
