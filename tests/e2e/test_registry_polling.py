@@ -1,7 +1,7 @@
 """An inference server on the embedded stores (no Redis: it polls the registry's change feed) follows the registry.
 
 Seen through its own status endpoint: a deleted adapter is unloaded within two polling periods, and the
-new version of a moved alias is loaded ahead of its first request.
+new version of a moved alias, or a new version of a resident name, is loaded ahead of its first request.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def test_polling_server_unloads_deleted_adapters_and_preloads_moved_aliases(tmp_
                 assert imported.status_code == 200, imported.text
                 versions.append(imported.json()["id"])
             v1, v2 = versions
+            time.sleep(2 * POLL_SECONDS)  # the server has read both `published` changes while nothing was resident
             client.post("/v1/adapters/bot/aliases", json={"alias": "prod", "version": 1}).raise_for_status()
             reply = client.post("/v1/chat/completions", json={
                 "model": "bot:prod", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -58,7 +59,16 @@ def test_polling_server_unloads_deleted_adapters_and_preloads_moved_aliases(tmp_
 
             assert client.delete(f"/v1/adapters/{v1}").status_code == 200
             _within(2 * POLL_SECONDS, lambda: v1 not in _resident(port))  # no alias pointed at v1 any more
+
+            folder = save_peft_lora(tiny_model_dir, tmp_path / "v3", seed=3)
+            imported = client.post("/v1/adapters/import", data={"name": "bot", "base_model": "tiny-llama"},
+                                   files={"file": ("a.tar.gz", tar_gz(folder))})
+            assert imported.status_code == 200, imported.text
+            v3 = imported.json()["id"]
+            _within(2 * POLL_SECONDS, lambda: v3 in _resident(port))  # `bot` now names v3, and v2 is resident
+
             assert client.delete("/v1/models/bot:prod").status_code == 200  # v2, through the models route
+            assert client.delete(f"/v1/adapters/{v3}").status_code == 200
             _within(2 * POLL_SECONDS, lambda: _resident(port) == {})
     except BaseException:
         print(stack.logs())
