@@ -238,3 +238,26 @@ class WorkerRecord(Base):
     concurrency: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[float] = mapped_column(Float, default=now)
     heartbeat_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+
+
+class ReplicaRecord(Base):
+    """A live inference replica: what it serves, what is resident on it and its load, renewed by heartbeat.
+
+    The API routes each request to a replica of the request's base model; a row whose heartbeat is older
+    than `replica_ttl_seconds` is ignored, and old rows are deleted (see core/replicas.py).
+    """
+
+    __tablename__ = "inference_replicas"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(512))
+    base_model: Mapped[str] = mapped_column(String(128), index=True)
+    engine: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    kinds: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    max_resident_adapters: Mapped[int] = mapped_column(Integer)
+    max_batch: Mapped[int] = mapped_column(Integer)
+    resident_adapters: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    load: Mapped[int] = mapped_column(Integer, default=0)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[float] = mapped_column(Float, default=now)
+    heartbeat_at: Mapped[float] = mapped_column(Float, default=now, index=True)

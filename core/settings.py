@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,9 +72,36 @@ class Settings(BaseSettings):
     default_team: str = Field("default", description="team that `patchbay serve` creates")
 
     inference_url: str = Field(
-        "http://127.0.0.1:8001", description="inference server(s) the API forwards to; comma-separated replicas"
+        "", description="static inference replicas, comma-separated, for replicas that cannot reach the database "
+        "(each is asked what it serves at its /status); registered replicas need no listing"
     )
     inference_base_model: str = Field("smollm2-135m-instruct", description="base model the inference server loads")
+    inference_engine: Literal["patchbay", "vllm"] = Field(
+        "patchbay", description="engine of `patchbay inference`: ours, or vLLM from its own environment"
+    )
+    inference_advertise_url: str | None = Field(
+        None, description="URL the API reaches this inference server at; default http://HOST:PORT it binds"
+    )
+    replica_heartbeat_seconds: float = Field(2.0, description="how often an inference replica renews its row")
+    replica_ttl_seconds: float = Field(
+        10.0, description="a replica whose heartbeat is older than this is dropped from routing"
+    )
+    replica_wait_seconds: float = Field(
+        30.0, description="hold a request this long for a replica of its base that is still starting (then 503)"
+    )
+    routing_policy: Literal["affinity", "round_robin"] = Field(
+        "affinity", description="replica choice: adapter affinity with bounded load, or plain round-robin"
+    )
+    serve_base_models: str = Field(
+        "", description="base models `patchbay serve` starts a replica for, comma-separated (default: the "
+        "default SmolLM2 base)"
+    )
+    vllm_python: Path | None = Field(
+        None, description="python of the vLLM environment; default .venv-vllm beside the code, as `make install` "
+        "sets it up"
+    )
+    vllm_max_loras: int = Field(8, description="LoRA adapters one vLLM replica keeps resident")
+    vllm_extra_args: str = Field("", description="extra arguments for vLLM's OpenAI server, space-separated")
     inference_quantization: str = Field("none", description="inference base: 'nf4-dq' (4-bit) or 'none'")
     max_loaded_adapters: int = Field(8, description="adapters resident in an inference server (LRU beyond)")
     max_lora_rank: int = Field(64, description="largest LoRA rank accepted for import and serving")
@@ -95,14 +123,23 @@ class Settings(BaseSettings):
 
     @property
     def inference_urls(self) -> list[str]:
-        """Every inference replica's base URL."""
-        return [u.strip().rstrip("/") for u in self.inference_url.split(",") if u.strip()]
+        """The static inference replicas' base URLs."""
+        return _comma_list(self.inference_url, strip="/")
+
+    @property
+    def serve_base_model_ids(self) -> list[str]:
+        """The base models `patchbay serve` starts replicas for."""
+        return _comma_list(self.serve_base_models) or [self.inference_base_model]
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved_storage_dir(self) -> Path:
         """The local storage root in force."""
         return (self.storage_dir or self.data_dir / "storage").resolve()
+
+
+def _comma_list(text: str, strip: str = "") -> list[str]:
+    return [item.strip().rstrip(strip) for item in text.split(",") if item.strip()]
 
 
 @lru_cache

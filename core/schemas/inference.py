@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.models import Adapter
 from core.schemas.bounds import INT64_MAX
+from core.serving_kinds import adapter_kinds
 
 MAX_NEW_TOKENS = 4096
 MAX_MESSAGES = 1024
@@ -119,12 +120,13 @@ class AdapterRef(BaseModel):
     storage_key: str
     sha256: str
     base_model: str
+    kinds: list[str] = Field(default_factory=lambda: ["lora"], description="see core/serving_kinds.py")
 
     @classmethod
     def of(cls, adapter: Adapter) -> "AdapterRef":
         """The reference of a registry row."""
         return cls(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256,
-                   base_model=adapter.base_model)
+                   base_model=adapter.base_model, kinds=adapter_kinds(adapter.method, adapter.techniques))
 
 
 class LoadLoraAdapter(BaseModel):

@@ -18,21 +18,34 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
 from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Adapter
+from core.schemas.inference import AdapterRef
 from core.notify import CHANNEL, changes_since, latest_change_id, redis_url
 from core.settings import Settings
 
 log = logging.getLogger("patchbay.registry_sync")
 
 
-class RegistrySync:
-    """A background thread that applies registry changes to one inference service."""
+class AdapterHost(Protocol):
+    """What the sync needs of a replica's engine layer (ours: `InferenceService`; vLLM's: `VllmService`)."""
 
-    def __init__(self, service, settings: Settings) -> None:
+    base_model_id: str
+
+    def resident_ids(self) -> set[str]: ...
+    def ref_for(self, adapter_id: str) -> AdapterRef | None: ...
+    def ensure(self, ref: AdapterRef) -> object: ...
+    def unload(self, adapter_id: str) -> bool: ...
+
+
+class RegistrySync:
+    """A background thread that applies registry changes to one replica's adapters."""
+
+    def __init__(self, service: AdapterHost, settings: Settings) -> None:
         self.service, self.settings = service, settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-sync", daemon=True)
@@ -50,11 +63,11 @@ class RegistrySync:
 
     def apply(self, change: dict) -> None:
         """Apply one change (a `core.notify.change_payload`): see the module docstring for each kind."""
-        resident = self.service.engine.adapters.states()
+        resident = self.service.resident_ids()
         kind = change.get("kind")
         if kind == "alias_moved" and change.get("previous_adapter_id") in resident and change.get("adapter_id"):
             self._preload(change["adapter_id"], f"alias {change.get('name')}:{change.get('alias')} moved")
-        elif kind == "published" and _other_versions(change) & resident.keys():
+        elif kind == "published" and _other_versions(change) & resident:
             self._preload(change["adapter_id"], f"{change.get('name')} has a new version")
         elif kind == "deleted" and change.get("adapter_id") in resident:
             log.info("adapter %s was deleted; unloading it", change["adapter_id"])

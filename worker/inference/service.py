@@ -107,6 +107,10 @@ class InferenceService:
             return False
         return True
 
+    def resident_ids(self) -> set[str]:
+        """The adapter versions resident in the engine now."""
+        return set(self.engine.adapters.states())
+
     def ref_for(self, adapter_id: str) -> AdapterRef | None:
         """An adapter's reference from the registry, if it is still live."""
         with session_scope() as session:

@@ -26,11 +26,9 @@ class RecordingService:
 
     def __init__(self, *resident: str) -> None:
         self.resident, self.loaded, self.unloaded = set(resident), [], []
-        self.engine = self
-        self.adapters = self
 
-    def states(self) -> dict[str, dict]:
-        return {name: {"state": "ready"} for name in self.resident}
+    def resident_ids(self) -> set[str]:
+        return set(self.resident)
 
     def ensure(self, ref) -> str:
         self.loaded.append(ref.id)
