@@ -1,43 +1,32 @@
-"""Forward inference requests to the inference replicas, streaming included."""
+"""Forward inference requests to the replicas of their base model, streaming included.
+
+`api/fleet.py` picks the replicas and their order; a replica that cannot be reached (or, for an
+answer not streamed, breaks off while answering) is marked suspect and the next one is tried.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
+from api.fleet import get_fleet
+from api.replica_tracker import Attempt
+from api.upstream_client import upstream_client
 from core.errors import error_response, unavailable
 from core.schemas.inference import AdapterRef
-from core.settings import get_settings
+from core.schemas.replicas import ReplicaPublic
 from core.sse import ServerSentEvent, event_stream, read_events
 
 log = logging.getLogger("patchbay.forward")
 ADAPTER_HEADER = "X-Patchbay-Adapter"
-_round_robin = itertools.count()
-_client: httpx.AsyncClient | None = None
-_client_loop: asyncio.AbstractEventLoop | None = None
+RETRY_AFTER_SECONDS = 5
 
-
-def _http() -> httpx.AsyncClient:
-    """The pooled client of the running event loop (a server runs one loop; its connections belong to it)."""
-    global _client, _client_loop
-    loop = asyncio.get_running_loop()
-    if _client is None or _client_loop is not loop:
-        _client, _client_loop = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=5)), loop
-    return _client
-
-
-def replica_order() -> list[str]:
-    """Every replica, starting at the next in round-robin order."""
-    urls = get_settings().inference_urls
-    start = next(_round_robin) % len(urls)
-    return urls[start:] + urls[:start]
+UsageHook = Callable[[int], Awaitable[None]]
+"""Told how many tokens a forwarded request generated (the tokens-per-minute limit)."""
 
 
 def adapter_headers(adapter: AdapterRef | None) -> dict[str, str]:
@@ -45,65 +34,80 @@ def adapter_headers(adapter: AdapterRef | None) -> dict[str, str]:
     return {ADAPTER_HEADER: adapter.model_dump_json()} if adapter else {}
 
 
-UsageHook = Callable[[int], Awaitable[None]]
-"""Told how many tokens a forwarded request generated (the tokens-per-minute limit)."""
+class _Unreachable(Exception):
+    """The replica could not be reached, or broke off before its whole answer came."""
 
 
-async def forward(path: str, body: dict, headers: dict[str, str], stream: bool,
+async def forward(path: str, body: dict, base_model: str, adapter: AdapterRef | None, stream: bool,
                   on_usage: UsageHook | None = None) -> Response:
-    """POST `body` to the first replica that answers; stream the answer back as it comes.
+    """POST `body` to the best replica of `base_model` for `adapter` that answers; stream its answer back.
 
-    With `on_usage`, the generated token count is reported once the answer is complete; a stream then
-    asks the replica for its usage chunk, and drops it again unless the client asked for it too.
+    Routing errors come from `Fleet.route` (503 `no_replica` or `replica_loading`, 400
+    `adapter_kind_unserved`); when no candidate is reachable, 503 `inference_unavailable`. With
+    `on_usage`, the generated token count is reported once the answer is complete; a stream then asks
+    the replica for its usage chunk, and drops it again unless the client asked for it too.
     """
     client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     if stream and on_usage is not None:
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+    fleet = get_fleet()
+    headers = adapter_headers(adapter)
     last_error: Exception | None = None
-    for base_url in replica_order():
-        request = _http().build_request("POST", f"{base_url}{path}", json=body, headers=headers)
+    for replica in await fleet.route(base_model, adapter):
+        attempt = Attempt(fleet.tracker, replica, adapter.id if adapter else None)
         try:
-            upstream = await _http().send(request, stream=True)
-        except httpx.TransportError as exc:
-            last_error = exc
-            log.warning("inference replica %s unreachable: %s", base_url, exc)
-            continue
-        if stream and upstream.status_code == 200:
-            return event_stream(_relay(upstream, on_usage, client_wants_usage))
-        try:
-            content = await upstream.aread()
-        except httpx.TransportError as exc:
-            last_error = exc
-            continue
-        finally:
-            await upstream.aclose()
-        try:
-            answer = json.loads(content)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response(502, "The inference server gave an unreadable answer.", None, "bad_gateway")
-        if on_usage is not None and upstream.status_code == 200:
-            await on_usage(_completion_tokens(answer))
-        return JSONResponse(answer, status_code=upstream.status_code)
-    reason = last_error.__class__.__name__ if last_error else "none configured"
-    raise unavailable(f"No inference server is reachable ({reason})", "inference_unavailable", retry_after=5)
+            return await _forward_to(replica, attempt, path, body, headers, stream, on_usage, client_wants_usage)
+        except _Unreachable as exc:
+            attempt.failed()
+            last_error = exc.__cause__
+            log.warning("inference replica %s (%s) failed: %r", replica.id, replica.url, last_error)
+        except BaseException:
+            attempt.close()
+            raise
+    reason = last_error.__class__.__name__ if last_error else "none answered"
+    raise unavailable(f"No inference replica of the base model '{base_model}' is reachable ({reason}).",
+                      "inference_unavailable", RETRY_AFTER_SECONDS)
+
+
+async def _forward_to(replica: ReplicaPublic, attempt: Attempt, path: str, body: dict, headers: dict[str, str],
+                      stream: bool, on_usage: UsageHook | None, client_wants_usage: bool) -> Response:
+    client = upstream_client()
+    try:
+        upstream = await client.send(client.build_request("POST", f"{replica.url}{path}", json=body,
+                                                          headers=headers), stream=True)
+    except httpx.TransportError as exc:
+        raise _Unreachable() from exc
+    if stream and upstream.status_code == 200:
+        attempt.answered(200)
+        return event_stream(_relay(upstream, on_usage, client_wants_usage),
+                            on_close=lambda: _release(upstream, attempt))
+    try:
+        content = await upstream.aread()
+    except httpx.TransportError as exc:
+        raise _Unreachable() from exc
+    finally:
+        await upstream.aclose()
+    attempt.answered(upstream.status_code)
+    attempt.close()
+    try:
+        answer = json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return error_response(502, "The inference server gave an unreadable answer.", None, "bad_gateway")
+    if on_usage is not None and upstream.status_code == 200:
+        await on_usage(_completion_tokens(answer))
+    return JSONResponse(answer, status_code=upstream.status_code)
+
+
+async def _release(upstream: httpx.Response, attempt: Attempt) -> None:
+    """The stream is over: its connection closed (again, if the relay ran) and its replica's count released."""
+    await upstream.aclose()
+    attempt.close()
 
 
 def _completion_tokens(answer) -> int:
     usage = answer.get("usage") if isinstance(answer, dict) else None
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     return tokens if isinstance(tokens, int) and tokens > 0 else 0
-
-
-async def broadcast(path: str, body: BaseModel) -> list[dict]:
-    """POST to every replica (runtime adapter loading); returns each replica's answer."""
-    answers = []
-    for base_url in get_settings().inference_urls:
-        try:
-            response = await _http().post(f"{base_url}{path}", json=body.model_dump(mode="json"))
-            answers.append({"replica": base_url, "status": response.status_code, "body": response.json()})
-        except (httpx.TransportError, json.JSONDecodeError) as exc:
-            answers.append({"replica": base_url, "status": 503, "body": {"error": str(exc)}})
-    return answers
 
 
 async def _relay(upstream: httpx.Response, on_usage: UsageHook | None,

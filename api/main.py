@@ -11,7 +11,8 @@ from api.dispatch import DispatchLoop
 from api.edge import AsgiEdge
 from api.openapi import install_openapi
 from api.ratelimit import RateLimits
-from api.routes import adapters, admin, files, health, inference, jobs, models
+from api.routes import adapters, admin, files, health, inference, jobs, models, replicas
+from api.upstream_client import close_upstream_client
 from core.errors import install_error_handlers
 from core.periodic import Periodic
 from core.settings import Settings, get_settings
@@ -44,12 +45,13 @@ def create_app() -> FastAPI:
         yield
         for loop in loops:
             loop.stop()
+        await close_upstream_client()
 
     app = PatchbayApi(settings, title="Patchbay", version="0.1.0", lifespan=lifespan)
     app.state.rate_limits = RateLimits()
     install_error_handlers(app)
     install_openapi(app)
-    for module in (health, files, jobs, models, adapters, inference, admin):
+    for module in (health, files, jobs, models, adapters, inference, replicas, admin):
         app.include_router(module.router)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

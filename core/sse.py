@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, ServerSentEvent, format_sse_event
@@ -49,9 +49,28 @@ def encode(event: Event) -> bytes:
                             comment=event.comment)
 
 
-def event_stream(events: AsyncIterable[Event]) -> EventSourceResponse:
-    """A response that sends `events` as they come, with a ping whenever none came for `PING_SECONDS`."""
-    return EventSourceResponse(_with_pings(events), headers=_HEADERS)
+def event_stream(events: AsyncIterable[Event],
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> EventSourceResponse:
+    """A response that sends `events` as they come, with a ping whenever none came for `PING_SECONDS`.
+
+    `on_close` runs once the response is over however it ended, even when the client left before the
+    first event (when `events` never started, so its own cleanup never ran).
+    """
+    if on_close is None:
+        return EventSourceResponse(_with_pings(events), headers=_HEADERS)
+    return _ClosingEventSourceResponse(_with_pings(events), on_close, headers=_HEADERS)
+
+
+class _ClosingEventSourceResponse(EventSourceResponse):
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 async def _with_pings(events: AsyncIterable[Event]) -> AsyncIterator[bytes]:

@@ -1,4 +1,8 @@
-"""`api.forwarding` against real replicas: answers and streams relayed, usage counted, dead replicas skipped."""
+"""`api.forwarding` against real replicas: answers and streams relayed, usage counted, dead replicas skipped.
+
+The stand-in is a static replica (PATCHBAY_INFERENCE_URL, asked at `GET /status`) beside a dead one, over
+a real migrated database that holds no registered replica unless a test adds one.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from api import forwarding
+from api.adapter_broadcast import unload_everywhere
+from api.upstream_client import close_upstream_client
 from core import sse
+from core.db import session_scope
 from core.errors import ApiError
-from core.schemas.inference import InternalUnloadAdapter
-from core.settings import get_settings
+from core.replicas import announce_replica
+from core.schemas.inference import AdapterRef
+from core.schemas.replicas import ReplicaStatus
 from core.sse import DONE, ServerSentEvent, event_stream
+from tests.support.api_app import clear_caches
 from tests.support.live_server import live_server
+from tests.support.migrated import migrated_database
 from tests.support.services import free_port
+
+BASE = "tiny"
+ADAPTER = AdapterRef(id="adp-1", storage_key="adapters/adp-1", sha256="0" * 64, base_model=BASE)
 
 CHUNKS = [{"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": word}}]}
           for word in ("Hello", " there")]
@@ -25,9 +38,18 @@ USAGE = {"id": "c1", "object": "chat.completion.chunk", "choices": [],
          "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
 
 
+def _status(url: str) -> ReplicaStatus:
+    return ReplicaStatus(url=url, base_model=BASE, engine="patchbay", state="ready", kinds=["lora"],
+                         max_resident_adapters=2, max_batch=4)
+
+
 def _replica(received: list[dict]) -> FastAPI:
     """An inference server stand-in: it streams CHUNKS (pausing between them) and a usage chunk when asked."""
     app = FastAPI()
+
+    @app.get("/status")
+    async def status(request: Request) -> dict:
+        return _status(str(request.base_url).rstrip("/")).model_dump()
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> JSONResponse:
@@ -64,33 +86,34 @@ def _replica(received: list[dict]) -> FastAPI:
 
 
 @pytest.fixture
-def replica(monkeypatch) -> Iterator[tuple[str, list[dict]]]:
-    """A live replica behind a dead one; yields (its URL, the requests it received)."""
+def replica(tmp_path) -> Iterator[tuple[str, list[dict]]]:
+    """A live static replica behind a dead one; yields (its URL, the requests it received)."""
     received: list[dict] = []
     with live_server(_replica(received)) as url:
-        monkeypatch.setenv("PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{free_port()},{url}")
-        get_settings.cache_clear()
-        yield url, received
-    get_settings.cache_clear()
+        with migrated_database(tmp_path, PATCHBAY_INFERENCE_URL=f"http://127.0.0.1:{free_port()},{url}"):
+            yield url, received
+
+
+def _dead_registered_replica() -> None:
+    with session_scope() as session:
+        announce_replica(session, "dead", _status(f"http://127.0.0.1:{free_port()}"))
 
 
 def _run(coroutine):
-    """Run one test's requests in a fresh event loop, closing the module's client in it afterwards."""
+    """Run one test's requests in a fresh event loop, closing the pooled client in it afterwards."""
     async def main():
         try:
             return await coroutine
         finally:
-            if forwarding._client is not None:
-                await forwarding._client.aclose()
-                forwarding._client = None
+            await close_upstream_client()
 
     return asyncio.run(main())
 
 
 async def _forwarded(path: str, body: dict, *, stream: bool = False, on_usage=None,
-                     headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+                     adapter: AdapterRef | None = None) -> tuple[int, str, bytes]:
     """Forward a request and send the answer on: (status, content type, body)."""
-    return await _read(await forwarding.forward(path, body, headers or {}, stream, on_usage))
+    return await _read(await forwarding.forward(path, body, BASE, adapter, stream, on_usage))
 
 
 async def _read(response) -> tuple[int, str, bytes]:
@@ -130,14 +153,13 @@ def test_an_answer_is_relayed_with_its_status_and_usage_counted(replica):
     counted, on_usage = _counter()
 
     async def both():
-        answer = await _forwarded("/v1/chat/completions", {"model": "m"}, on_usage=on_usage,
-                                  headers={forwarding.ADAPTER_HEADER: "ref"})
+        answer = await _forwarded("/v1/chat/completions", {"model": "m"}, on_usage=on_usage, adapter=ADAPTER)
         return answer, await _forwarded("/v1/missing", {"model": "m"})
 
     (status, content_type, body), (missing_status, _, missing_body) = _run(both())
     assert status == 200 and content_type == "application/json"
     assert json.loads(body)["choices"][0]["message"]["content"] == "Hello there"
-    assert counted == [2] and received[0]["adapter"] == "ref"
+    assert counted == [2] and AdapterRef.model_validate_json(received[0]["adapter"]) == ADAPTER
     assert missing_status == 404 and json.loads(missing_body)["error"]["code"] == "model_not_found"
 
 
@@ -172,20 +194,30 @@ def test_a_quiet_stream_is_kept_alive_with_the_relays_own_pings(replica, monkeyp
         [b"data: [DONE]"]
 
 
-def test_an_unreadable_answer_is_a_502_and_no_replica_a_503(replica, monkeypatch):
+def test_an_unreadable_answer_is_a_502_and_no_reachable_replica_a_503(replica, monkeypatch):
     status, _, body = _run(_forwarded("/v1/garbled", {"model": "m"}))
     assert status == 502 and json.loads(body)["error"]["code"] == "bad_gateway"
-    monkeypatch.setenv("PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{free_port()}")
-    get_settings.cache_clear()
+    _dead_registered_replica()
+    monkeypatch.setenv("PATCHBAY_INFERENCE_URL", "")
+    clear_caches()
     with pytest.raises(ApiError) as refused:
-        _run(forwarding.forward("/v1/chat/completions", {"model": "m"}, {}, False))
+        _run(forwarding.forward("/v1/chat/completions", {"model": "m"}, BASE, None, False))
     assert refused.value.status == 503 and refused.value.code == "inference_unavailable"
     assert refused.value.headers["Retry-After"] == "5"
 
 
-def test_broadcast_asks_every_replica_and_reports_each_answer(replica):
+def test_a_static_replica_that_does_not_answer_its_status_is_not_routed_to(replica, monkeypatch):
+    monkeypatch.setenv("PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{free_port()}")
+    clear_caches()
+    with pytest.raises(ApiError) as refused:
+        _run(forwarding.forward("/v1/chat/completions", {"model": "m"}, BASE, None, False))
+    assert refused.value.status == 503 and refused.value.code == "no_replica"
+
+
+def test_unloading_asks_every_replica_of_the_base_and_reports_each_answer(replica):
     url, _ = replica
-    answers = _run(forwarding.broadcast("/internal/adapters/unload", InternalUnloadAdapter(adapter_id="adp-1")))
-    dead, live = answers
-    assert dead["status"] == 503 and "error" in dead["body"]
-    assert live == {"replica": url, "status": 200, "body": {"echo": {"adapter_id": "adp-1"}}}
+    _dead_registered_replica()
+    dead, live = _run(unload_everywhere(ADAPTER))
+    assert dead["replica_id"] == "dead" and dead["status"] == 503 and "error" in dead["body"]
+    assert live == {"replica": url, "replica_id": f"static:{url}", "status": 200,
+                    "body": {"echo": {"adapter_id": "adp-1"}}}

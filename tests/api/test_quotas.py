@@ -102,7 +102,7 @@ def test_team_requests_per_minute_limit_inference_before_anything_is_forwarded(a
     body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}
     statuses = [api.client.post("/v1/chat/completions", headers=api.headers(), json=body) for _ in range(3)]
     assert [r.status_code for r in statuses] == [503, 503, 429]  # nothing serves; the third is not even tried
-    assert statuses[0].headers["retry-after"] and statuses[0].json()["error"]["code"] == "inference_unavailable"
+    assert statuses[0].headers["retry-after"] and statuses[0].json()["error"]["code"] == "no_replica"
     assert statuses[2].headers["x-ratelimit-limit-requests"] == "2"
     assert api.client.post("/v1/chat/completions", headers=api.headers(api.other_key),
                            json=body).status_code == 503
