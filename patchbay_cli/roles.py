@@ -34,15 +34,52 @@ def api(host: str = HostOption, port: int = PortOption) -> None:
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info")
 
 
+INFERENCE_ENGINES = ("patchbay", "vllm")
+ENGINE_APPS = {
+    "patchbay": "worker.inference.server:create_inference_process_app",
+    "vllm": "worker.inference.vllm.app:create_vllm_app",
+}
+
+
 @app.command()
-def inference(host: str = HostOption, port: int = typer.Option(8001, help="port to bind")) -> None:
-    """Run the multi-adapter inference server (OpenAI-compatible) on the configured base model."""
+def inference(
+    host: str = HostOption,
+    port: int = typer.Option(8001, help="port to bind"),
+    base_model: str = typer.Option(None, help="base model to serve (default: PATCHBAY_INFERENCE_BASE_MODEL)"),
+    engine: str = typer.Option(None, help="patchbay or vllm (default: PATCHBAY_INFERENCE_ENGINE)"),
+    advertise_url: str = typer.Option(None, help="URL the API reaches this replica at (default: http://HOST:PORT)"),
+) -> None:
+    """Run one inference replica of a base model; it registers in the database, so the API routes to it."""
     import uvicorn
 
+    from core.settings import get_settings
+    from worker.inference.presence import advertised_url
+
+    if engine is not None and engine not in INFERENCE_ENGINES:
+        raise typer.BadParameter(f"choose one of {', '.join(INFERENCE_ENGINES)}", param_hint="--engine")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvicorn.run("worker.inference.server:create_inference_app", factory=True, host=host, port=port,
-                log_level="info")
+    _set_env(PATCHBAY_INFERENCE_BASE_MODEL=base_model, PATCHBAY_INFERENCE_ENGINE=engine,
+             PATCHBAY_INFERENCE_ADVERTISE_URL=advertise_url)
+    _set_env(PATCHBAY_INFERENCE_ADVERTISE_URL=advertised_url(get_settings(), host, port))
+    settings = get_settings()
+    if settings.inference_engine == "vllm":
+        try:
+            from worker.inference.vllm.environment import require_vllm
+
+            require_vllm()
+        except Exception as exc:  # vLLM missing or unusable: its plain message, no traceback
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    uvicorn.run(ENGINE_APPS[settings.inference_engine], factory=True, host=host, port=port, log_level="info")
+
+
+def _set_env(**values: str | None) -> None:
+    """Set the given PATCHBAY_* variables (None: leave as they are) and let the settings read them again."""
+    from core.settings import get_settings
+
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    get_settings.cache_clear()
 
 
 @app.command()
@@ -80,26 +117,34 @@ def _default_key() -> str:
 
 @app.command()
 def serve(host: str = HostOption, port: int = PortOption,
-          inference_port: int = typer.Option(8001, help="port of the inference server")) -> None:
-    """Run the API, a training worker and the inference server as child processes."""
+          inference_port: int = typer.Option(8001, help="port of the first inference replica (the next free ports "
+                                             "for the other bases)")) -> None:
+    """Run the API, a training worker and one inference replica per base model as child processes."""
     from core.migrate import upgrade_head
     from core.settings import get_settings
+    from patchbay_cli.local_fleet import LocalReplica, ReadinessWatch, probe_host, replica_ports
     from worker.base_models import DEFAULT_BASE_MODEL, ensure_default_base_model
 
     upgrade_head()
     key = _default_key()
-    if get_settings().inference_base_model == DEFAULT_BASE_MODEL:
+    settings = get_settings()
+    bases = settings.serve_base_model_ids
+    if DEFAULT_BASE_MODEL in bases:
         typer.echo("preparing the default base model (converted once, then reused)…")
-        ensure_default_base_model(get_settings().data_dir)
+        ensure_default_base_model(settings.data_dir)
+    _require_registered(bases)
+    replicas = [LocalReplica(base, p) for base, p in zip(bases, replica_ports(inference_port, len(bases)))]
     exe = [sys.executable, "-m", "patchbay_cli"]
-    env = {**os.environ, "PATCHBAY_INFERENCE_URL": os.environ.get(
-        "PATCHBAY_INFERENCE_URL", f"http://127.0.0.1:{inference_port}")}
+    env = dict(os.environ)  # the replicas register in the database; a user's PATCHBAY_INFERENCE_URL stays
     children = [
         subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)], env=env),
         subprocess.Popen([*exe, "worker"], env=env),
-        subprocess.Popen([*exe, "inference", "--host", "127.0.0.1", "--port", str(inference_port)], env=env),
+        *(subprocess.Popen([*exe, "inference", "--host", "127.0.0.1", "--port", str(r.port), "--base-model",
+                            r.base_model, "--advertise-url", r.url], env=env) for r in replicas),
     ]
-    typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\nAPI key (team 'default'): {key}\n")
+    api_url = f"http://{probe_host(host)}:{port}"
+    typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\nAPI key (team 'default'): {key}\n"
+               + "".join(f"inference replica of {r.base_model} on port {r.port}\n" for r in replicas))
 
     def _stop(*_):
         for child in children:
@@ -115,10 +160,25 @@ def serve(host: str = HostOption, port: int = PortOption,
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    watch = ReadinessWatch(api_url, replicas, typer.echo)
     while all(child.poll() is None for child in children):
+        if not watch.ready and watch.check():
+            typer.echo(f"Patchbay is ready at http://{host}:{port}/v1 ({', '.join(bases)} loaded)")
         time.sleep(0.5)
     typer.echo("a child process exited; stopping the others", err=True)
     _stop()
+
+
+def _require_registered(bases: list[str]) -> None:
+    """Stop with a plain message when a base model to serve is not registered."""
+    from core.db import session_scope
+    from core.models import BaseModelRecord
+
+    with session_scope() as session:
+        missing = [base for base in bases if session.get(BaseModelRecord, base) is None]
+    if missing:
+        typer.echo(f"error: base model(s) {', '.join(missing)} not registered (patchbay models add ID PATH)", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -7,14 +7,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from tests.support.services import free_port
 
 
 @contextmanager
-def live_server(app, *, lifespan: bool = False, startup_seconds: float = 20) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 while the block runs (its lifespan too, if asked); yields its base URL."""
+def live_server(app, *, lifespan: bool = False, startup_seconds: float = 20,
+                ready_path: str | None = None) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 while the block runs (its lifespan too, if asked); yields its base URL.
+
+    With `ready_path`, it also waits (within `startup_seconds`) until GET `ready_path` answers 200.
+    """
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on" if lifespan else "off")
     server = uvicorn.Server(config)
@@ -24,8 +29,12 @@ def live_server(app, *, lifespan: bool = False, startup_seconds: float = 20) -> 
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started, "uvicorn did not start"
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        while ready_path and httpx.get(url + ready_path, timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, f"{ready_path} did not answer 200 within {startup_seconds} s"
+            time.sleep(0.05)
+        yield url
     finally:
         server.should_exit = True
         thread.join(10)

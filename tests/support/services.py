@@ -130,23 +130,39 @@ class PatchbayStack:
     def _start_server(self, role: str, port: int, timeout: float, **extra_env: str) -> subprocess.Popen:
         """Start a `patchbay` server role and wait until its /healthz answers."""
         proc = self._spawn(role, "--port", str(port), log_name=f"{role}-{port}", **extra_env)
+        self.wait_until_answers(proc, port, "/healthz", timeout)
+        return proc
+
+    def wait_until_answers(self, proc: subprocess.Popen, port: int, path: str, timeout: float = 180) -> None:
+        """Wait until the process's server answers 200 at `path` (its log in the failure if it exits)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (self.data_dir / f"{role}-{port}.log").read_text()
+            assert proc.poll() is None, "\n".join(p.read_text() for p in self.data_dir.glob(f"*-{port}.log"))
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    return proc
+                if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200:
+                    return
             except httpx.HTTPError:
-                time.sleep(0.2)
-        raise TimeoutError(f"`patchbay {role}` did not come up")
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the server on port {port} did not answer {path} within {timeout} s")
 
     def start_api(self) -> subprocess.Popen:
         """Start `patchbay api` and wait for /healthz."""
         return self._start_server("api", self.port, 60)
 
-    def start_inference(self, port: int, **extra_env: str) -> subprocess.Popen:
-        """Start `patchbay inference` and wait until its base model is loaded."""
-        return self._start_server("inference", port, 180, **extra_env)
+    def start_inference(self, port: int, base_model: str | None = None, **extra_env: str) -> subprocess.Popen:
+        """Start `patchbay inference` of `base_model` (default: PATCHBAY_INFERENCE_BASE_MODEL, else the
+        settings' default) and wait until its base model is loaded (/readyz)."""
+        proc = self.spawn_inference(port, base_model, **extra_env)
+        self.wait_until_answers(proc, port, "/readyz")
+        return proc
+
+    def spawn_inference(self, port: int, base_model: str | None = None, **extra_env: str) -> subprocess.Popen:
+        """Start `patchbay inference` without waiting: it answers at once, and its base model loads meanwhile."""
+        base_model = base_model or extra_env.get("PATCHBAY_INFERENCE_BASE_MODEL") or self.env.get(
+            "PATCHBAY_INFERENCE_BASE_MODEL")
+        args = ("--base-model", base_model) if base_model else ()
+        return self._spawn("inference", "--port", str(port), *args, log_name=f"inference-{port}", **extra_env)
 
     def start_worker(self) -> subprocess.Popen:
         """Start `patchbay worker` (it needs no wait: jobs queue until it is ready)."""

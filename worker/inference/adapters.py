@@ -8,6 +8,7 @@ ready adapter is evicted, except pinned ones and ones held by in-flight requests
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -102,7 +103,11 @@ def _why_busy(entry: _Entry) -> str:
 
 
 class AdapterManager:
-    """Loads adapters into the slots of an `AdapterSlots` on demand; thread-safe."""
+    """Loads adapters into the slots of an `AdapterSlots` on demand; thread-safe.
+
+    `on_change`, when set, is called (without the lock) after an adapter is loaded into a slot or unloaded,
+    so a replica can tell the fleet at once what is resident.
+    """
 
     def __init__(self, bank: AdapterSlots, max_loaded_adapters: int) -> None:
         if not 1 <= max_loaded_adapters <= bank.n_slots:
@@ -113,6 +118,8 @@ class AdapterManager:
         self._entries: dict[str, _Entry] = {}
         self._changed = threading.Condition()
         self._clock = itertools.count(1)
+        self._loads: collections.Counter[str] = collections.Counter()
+        self.on_change: Callable[[], None] | None = None
 
     def ensure(self, name: str, fetch: Callable[[], Path | str], pinned: bool = False) -> AdapterStatus:
         """Make `name` ready, blocking until it is; idempotent (a ready adapter is only marked used).
@@ -161,9 +168,19 @@ class AdapterManager:
         with self._changed:
             entry.state, entry.rank, entry.kind = AdapterState.READY, adapter.rank, adapter.kind
             entry.last_used = next(self._clock)
+            self._loads[entry.name] += 1
             self._changed.notify_all()
             logger.info("adapter %s (%s) ready in slot %d", entry.name, adapter.kind, entry.slot)
-            return entry.status()
+            status = entry.status()
+        self._notify_change()
+        return status
+
+    def _notify_change(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # a listener's failure never fails a load
+                logger.warning("adapter change listener failed", exc_info=True)
 
     def _fail(
         self, entry: _Entry, message: str, error_type: type[AdapterLoadError] = AdapterLoadError
@@ -215,7 +232,8 @@ class AdapterManager:
                 self._bank.clear_slot(entry.slot)
             del self._entries[name]
             self._changed.notify_all()
-            return True
+        self._notify_change()
+        return True
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """Pin (never evict) or unpin a known adapter."""
@@ -268,6 +286,11 @@ class AdapterManager:
         """Names of the adapters that hold a slot (ready or being copied in)."""
         with self._changed:
             return [e.name for e in self._entries.values() if e.slot is not None]
+
+    def load_counts(self) -> dict[str, int]:
+        """How many times each adapter was loaded into a slot from its folder (reloads after eviction included)."""
+        with self._changed:
+            return dict(self._loads)
 
     def states(self) -> dict[str, dict]:
         """Every known adapter's status as JSON-ready dicts, by name (for a status endpoint)."""

@@ -61,6 +61,7 @@ class InferenceEngine:
         if quantization not in SERVING_QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; choose one of {SERVING_QUANTIZATIONS}")
         choice = choose_device(device)
+        self.max_batch_size = max_batch_size
         self.device, self.dtype = choice.device, choice.compute_dtype
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_base_model(model_dir, quantization, choice, training=False)

@@ -27,6 +27,7 @@ class ReplicaPresence:
         self.status, self.settings = status, settings
         self.replica_id = f"{socket.gethostname()[:40]}-{secrets.token_hex(4)}"
         self._stop = threading.Event()
+        self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replica-presence", daemon=True)
         self._failing = False
 
@@ -49,9 +50,14 @@ class ReplicaPresence:
         else:
             self._failing = False
 
+    def nudge(self) -> None:
+        """Announce soon from the background thread (what is resident changed), without waiting for it."""
+        self._nudged.set()
+
     def stop(self) -> None:
         """Stop renewing and remove the row, so routing forgets this replica at once."""
         self._stop.set()
+        self._nudged.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         try:
@@ -61,7 +67,11 @@ class ReplicaPresence:
             log.warning("could not retire replica %s; it expires after its TTL", self.replica_id)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.settings.replica_heartbeat_seconds):
+        while True:
+            self._nudged.wait(self.settings.replica_heartbeat_seconds)
+            self._nudged.clear()
+            if self._stop.is_set():
+                return
             self.announce()
 
 

@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Adapter
-from core.schemas.inference import AdapterRef
 from core.notify import CHANNEL, changes_since, latest_change_id, redis_url
+from core.schemas.inference import AdapterRef
 from core.settings import Settings
 
 log = logging.getLogger("patchbay.registry_sync")

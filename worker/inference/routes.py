@@ -1,4 +1,5 @@
-"""The inference server's routes: OpenAI-compatible chat and text completions, and the internal adapter admin."""
+"""The inference server's routes: OpenAI-compatible chat and text completions, the replica's status and
+probes, and the internal adapter admin."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from core.schemas.inference import (
     InternalUnloadAdapter,
     SamplingFields,
 )
+from core.schemas.replicas import ReplicaStatus
 from core.sse import event_stream
 from worker.inference.generation import GenerationHandle, GenerationRequest
+from worker.inference.replica import LOADING_RETRY_AFTER_SECONDS, Replica
 from worker.inference.responses import CompletionShaper, collect, stream_chunks, usage
 from worker.inference.service import AdapterFetchError, InferenceService
 
@@ -26,11 +29,17 @@ DEFAULT_CHAT_TOKENS = 512
 router = APIRouter()
 
 
-def get_service(request: Request) -> InferenceService:
-    """The app's inference service (built by the lifespan)."""
-    return request.app.state.service
+def get_replica(request: Request) -> Replica:
+    """The app's replica (started by the lifespan)."""
+    return request.app.state.replica
 
 
+def get_service(replica: Annotated[Replica, Depends(get_replica)]) -> InferenceService:
+    """The replica's inference service; 503 with Retry-After while the base model loads."""
+    return replica.require_service()
+
+
+ReplicaDep = Annotated[Replica, Depends(get_replica)]
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 AdapterHeader = Annotated[str | None, Header(description="The adapter version the API resolved the model to")]
 
@@ -60,15 +69,31 @@ async def make_resident(service: InferenceService, ref: AdapterRef, *, param: st
 
 @router.get("/healthz")
 def healthz() -> dict:
-    """Liveness."""
+    """Liveness: the process answers (its base model may still be loading)."""
     return {"status": "ok"}
 
 
+@router.get("/readyz", responses={503: {"description": "The base model is still loading; see Retry-After."}})
+def readyz(replica: ReplicaDep) -> JSONResponse:
+    """Readiness: 200 once the base model is loaded and the fleet has been told so."""
+    if replica.ready.is_set():
+        return JSONResponse({"status": "ready", "base_model": replica.base_model_id})
+    body = {"status": "failed" if replica.error else "loading", "base_model": replica.base_model_id,
+            "error": replica.error}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(LOADING_RETRY_AFTER_SECONDS)})
+
+
+@router.get("/status", response_model=ReplicaStatus)
+def status(replica: ReplicaDep) -> ReplicaStatus:
+    """What this replica serves, its capacity, what is resident, how busy it is and its counters."""
+    return replica.status()
+
+
 @router.get("/internal/status")
-def status(service: ServiceDep) -> dict:
-    """Base model, adapter states and batching statistics."""
-    return {"base_model": service.base_model_id, "adapters": service.engine.adapters.states(),
-            "stats": service.engine.stats()}
+def internal_status(replica: ReplicaDep) -> dict:
+    """`/status`, plus every adapter's state in the engine."""
+    service = replica.service
+    return {**replica.status().model_dump(), "adapters": service.engine.adapters.states() if service else {}}
 
 
 @router.post("/internal/adapters/load")
@@ -89,9 +114,9 @@ async def unload(body: InternalUnloadAdapter, service: ServiceDep) -> dict:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat(body: ChatCompletionCreate, service: ServiceDep, x_patchbay_adapter: AdapterHeader = None) -> Response:
+async def chat(body: ChatCompletionCreate, replica: ReplicaDep, x_patchbay_adapter: AdapterHeader = None) -> Response:
     """Chat completion through the base model's chat template."""
-    adapter = await _resolve_adapter(service, x_patchbay_adapter, body.model)
+    service, adapter = await _receive(replica, x_patchbay_adapter, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     prompt_ids = service.engine.encode_chat(messages)
     return await _generate(service, body, prompt_ids, adapter, chat=True, limit=body.token_limit(DEFAULT_CHAT_TOKENS),
@@ -99,19 +124,27 @@ async def chat(body: ChatCompletionCreate, service: ServiceDep, x_patchbay_adapt
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionCreate, service: ServiceDep,
+async def completions(body: CompletionCreate, replica: ReplicaDep,
                       x_patchbay_adapter: AdapterHeader = None) -> Response:
     """Text completion of a raw prompt."""
-    adapter = await _resolve_adapter(service, x_patchbay_adapter, body.model)
+    service, adapter = await _receive(replica, x_patchbay_adapter, body.model)
     prompt_ids = service.engine.encode_text(body.prompt_text())
     return await _generate(service, body, prompt_ids, adapter, chat=False, limit=body.token_limit(),
                            logprobs=body.logprobs is not None)
 
 
-async def _resolve_adapter(service: InferenceService, header: str | None, model: str) -> str | None:
+async def _receive(replica: Replica, header: str | None, model: str) -> tuple[InferenceService, str | None]:
+    """Count a generation request (by its adapter version, else the model it names); return the service
+    (503 while the base loads) and the engine name of the request's adapter (None: the base)."""
+    ref = AdapterRef.model_validate_json(header) if header else None
+    replica.requests.count(ref.id if ref is not None else model)
+    service = replica.require_service()
+    return service, await _resolve_adapter(service, ref, model)
+
+
+async def _resolve_adapter(service: InferenceService, ref: AdapterRef | None, model: str) -> str | None:
     """The engine name of the request's adapter (from the API's header), or None for the base model."""
-    if header:
-        ref = AdapterRef.model_validate_json(header)
+    if ref is not None:
         return await make_resident(service, ref, param="model", reported=(AdapterFetchError,))
     if model != service.base_model_id:
         raise ApiError(404, f"The model '{model}' is not served here (base: '{service.base_model_id}').",

@@ -1,49 +1,54 @@
-"""The inference server: the app, the engine it serves for its lifetime, and the answers to adapter errors.
+"""The inference server: the app, the replica it serves for its lifetime, and the answers to adapter errors.
 
-The routes (OpenAI-compatible chat and text completions, and the internal adapter admin) are in
-`worker.inference.routes`; they reach the one `InferenceService` through `ServiceDep`.
+The routes (OpenAI-compatible chat and text completions, status and probes, and the internal adapter
+admin) are in `worker.inference.routes`; they reach the one `Replica` (and, once the base model is
+loaded, its `InferenceService`) through `ReplicaDep` and `ServiceDep`.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from core.errors import error_response, install_error_handlers
 from core.settings import get_settings
+from worker.inference.replica import Replica
 from worker.inference.routes import AdapterLoadFailed, router
-from worker.inference.service import AdapterFetchError, InferenceService
+from worker.inference.service import AdapterFetchError
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the base model and the pinned adapters, and follow the registry, while the app runs."""
-    from worker.inference.registry_sync import RegistrySync
+def replica_lifespan(exit_on_failure: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A lifespan that starts the replica (it announces itself, then loads the base in the background)
+    and stops it at shutdown; startup never waits for the base model."""
 
-    settings = get_settings()
-    service = await asyncio.to_thread(InferenceService, settings)
-    app.state.service = service
-    await asyncio.to_thread(service.preload_pinned)
-    sync = RegistrySync(service, settings)
-    sync.start()
-    try:
-        yield
-    finally:
-        sync.stop()
-        service.engine.close()
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        replica = Replica(get_settings(), exit_on_failure=exit_on_failure)
+        app.state.replica = replica
+        replica.start()
+        try:
+            yield
+        finally:
+            replica.stop()
+
+    return lifespan
 
 
-def create_inference_app() -> FastAPI:
-    """Build the inference app; the base model loads at startup."""
-    app = FastAPI(title="Patchbay inference", lifespan=lifespan)
+def create_inference_app(*, exit_on_failure: bool = False) -> FastAPI:
+    """Build the inference app; it serves at once, and its base model loads in the background."""
+    app = FastAPI(title="Patchbay inference", lifespan=replica_lifespan(exit_on_failure))
     install_error_handlers(app)
     install_adapter_error_handlers(app)
     app.include_router(router)
     return app
+
+
+def create_inference_process_app() -> FastAPI:
+    """The app `patchbay inference` runs: a base model that cannot be loaded ends the process (exit 1)."""
+    return create_inference_app(exit_on_failure=True)
 
 
 def install_adapter_error_handlers(app: FastAPI) -> None:

@@ -13,6 +13,8 @@ from core.settings import Settings
 from core.storage import folder_sha256, get_storage
 
 log = logging.getLogger("patchbay.inference")
+MAX_BATCH_SIZE = 16
+"""Generations the engine runs in one batch (what a replica advertises as `max_batch`)."""
 
 
 class AdapterFetchError(RuntimeError):
@@ -44,7 +46,7 @@ class InferenceService:
             quantization = "none"
         self.engine = InferenceEngine(base_path, quantization=quantization,
                                       max_loaded_adapters=settings.max_loaded_adapters,
-                                      max_lora_rank=settings.max_lora_rank)
+                                      max_lora_rank=settings.max_lora_rank, max_batch_size=MAX_BATCH_SIZE)
 
     def _merged_base(self, base_path: Path, adapter_ref: str) -> Path:
         """A full-precision copy of the base with one adapter merged in (built once, then reused)."""

@@ -56,6 +56,7 @@ def reset(engine):
 def test_cap_holds_with_lru_eviction_and_reloads_stay_correct(capped_engine, lora_dirs, prompts, expected):
     reset(capped_engine)
     fetches = {name: CountingFetch(lora_dirs[name]) for name in lora_dirs}
+    loads_before = capped_engine.adapters.load_counts()
     for _ in range(2):
         for name in ("A", "B", "C", "D"):
             status = capped_engine.adapters.ensure(name, fetches[name])
@@ -65,6 +66,8 @@ def test_cap_holds_with_lru_eviction_and_reloads_stay_correct(capped_engine, lor
             assert result.token_ids == expected[name]
     # Every adapter was evicted by the two that followed it, so each was fetched again.
     assert all(fetch.calls == 2 for fetch in fetches.values())
+    loads = capped_engine.adapters.load_counts()
+    assert {name: loads[name] - loads_before.get(name, 0) for name in fetches} == dict.fromkeys(fetches, 2)
     assert sorted(capped_engine.adapters.loaded()) == ["C", "D"]
     # Least recently used goes first: touching C makes D the victim.
     capped_engine.adapters.ensure("C", fetches["C"])

@@ -63,7 +63,7 @@ def _serving(api, monkeypatch, model_dir, tmp) -> Iterator[Served]:
     get_settings.cache_clear()
     from worker.inference.server import create_inference_app
 
-    with live_server(create_inference_app(), lifespan=True, startup_seconds=180) as url:
+    with live_server(create_inference_app(), lifespan=True, startup_seconds=180, ready_path="/readyz") as url:
         monkeypatch.setenv("PATCHBAY_INFERENCE_URL", url)
         get_settings.cache_clear()
         with httpx.Client(base_url=url, timeout=60) as server:
