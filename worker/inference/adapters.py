@@ -4,6 +4,7 @@ States follow LoRAX: `downloading` while the caller's `fetch()` runs, `loading` 
 validated and copied into a slot, then `ready`, or `errored` with the message. At most
 `max_loaded_adapters` adapters hold a slot; when a new one needs a slot, the least recently used
 ready adapter is evicted, except pinned ones and ones held by in-flight requests (`acquire`/`release`).
+When every slot is held by requests, a load waits (up to `slot_wait_seconds`) for one to finish.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -36,8 +38,12 @@ class AdapterNotReadyError(LookupError):
     """The adapter is not loaded (or not ready yet) and cannot serve a request."""
 
 
+SLOT_WAIT_SECONDS = 30.0
+"""How long a load waits for an in-flight request to free a slot before giving up."""
+
+
 class AdapterCapacityError(AdapterLoadError):
-    """Every adapter slot is held by a pinned adapter or by in-flight requests."""
+    """Every adapter slot is held by a pinned adapter or by in-flight requests (for longer than the wait)."""
 
 
 class AdapterPinLimitError(AdapterCapacityError):
@@ -120,6 +126,7 @@ class AdapterManager:
         self._clock = itertools.count(1)
         self._loads: collections.Counter[str] = collections.Counter()
         self.on_change: Callable[[], None] | None = None
+        self.slot_wait_seconds = SLOT_WAIT_SECONDS
 
     def ensure(self, name: str, fetch: Callable[[], Path | str], pinned: bool = False) -> AdapterStatus:
         """Make `name` ready, blocking until it is; idempotent (a ready adapter is only marked used).
@@ -192,22 +199,28 @@ class AdapterManager:
         return error_type(message)
 
     def _reserve_slot(self, entry: _Entry) -> int:
-        """A free slot, evicting the least recently used idle adapter if needed (lock held)."""
-        taken = {e.slot for e in self._entries.values() if e.slot is not None}
-        free = [slot for slot in range(self.max_loaded_adapters) if slot not in taken]
-        if free:
-            return free[0]
-        idle = [
-            e
-            for e in self._entries.values()
-            if e.state is AdapterState.READY and not e.pinned and e.refcount == 0 and e is not entry
-        ]
-        if not idle:
-            busy = ", ".join(f"{e.name} ({_why_busy(e)})" for e in self._entries.values() if e.slot is not None)
-            raise AdapterCapacityError(
-                f"all {self.max_loaded_adapters} adapter slots are busy or pinned ({busy}); "
-                f"cannot load {entry.name!r} now, retry when requests finish"
-            )
+        """A free slot, evicting the least recently used idle adapter if needed (lock held).
+
+        While requests hold every unpinned slot, waits up to `slot_wait_seconds` for one to be released.
+        """
+        deadline = time.monotonic() + self.slot_wait_seconds
+        while True:
+            taken = {e.slot for e in self._entries.values() if e.slot is not None}
+            free = [slot for slot in range(self.max_loaded_adapters) if slot not in taken]
+            if free:
+                return free[0]
+            holders = [e for e in self._entries.values() if e.slot is not None and not e.pinned and e is not entry]
+            idle = [e for e in holders if e.state is AdapterState.READY and e.refcount == 0]
+            if idle:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not holders:
+                busy = ", ".join(f"{e.name} ({_why_busy(e)})" for e in self._entries.values() if e.slot is not None)
+                raise AdapterCapacityError(
+                    f"all {self.max_loaded_adapters} adapter slots are busy or pinned ({busy}); "
+                    f"cannot load {entry.name!r} now, retry when requests finish"
+                )
+            self._changed.wait(remaining)
         victim = min(idle, key=lambda e: e.last_used)
         del self._entries[victim.name]
         logger.info("evicting adapter %s from slot %d to load %s", victim.name, victim.slot, entry.name)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from core.errors import ApiError, invalid
+from core.errors import ApiError, invalid, unavailable
 from core.schemas.inference import (
     AdapterRef,
     ChatCompletionCreate,
@@ -59,10 +59,16 @@ async def make_resident(service: InferenceService, ref: AdapterRef, *, param: st
     The errors in `reported` leave as they are, for the app's handlers to answer; any other is a load
     failure (the engine's load errors carry a readable message).
     """
+    from worker.inference.adapters import AdapterCapacityError, AdapterPinLimitError
+
     try:
         return await asyncio.to_thread(service.ensure, ref, pinned)
     except reported:
         raise
+    except AdapterCapacityError as exc:
+        if isinstance(exc, AdapterPinLimitError):
+            raise AdapterLoadFailed(ref.id, exc, param) from exc
+        raise unavailable(str(exc), "adapter_slots_busy") from exc
     except Exception as exc:
         raise AdapterLoadFailed(ref.id, exc, param) from exc
 

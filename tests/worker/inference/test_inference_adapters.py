@@ -9,6 +9,7 @@ import pytest
 from tests.worker.inference.conftest import MAX_LORA_RANK
 from worker.formats.files import AdapterLoadError
 from worker.inference.adapters import (
+    SLOT_WAIT_SECONDS,
     AdapterCapacityError,
     AdapterInUseError,
     AdapterNotReadyError,
@@ -119,8 +120,12 @@ def test_pinned_and_in_use_adapters_are_never_evicted(capped_engine, lora_dirs, 
     # D holds the other slot; an in-flight request keeps it there.
     handle = capped_engine.submit(GenerationRequest(prompts[0], "D", 2000, temperature=0.0))
     assert adapters.status("D").in_use == 1
-    with pytest.raises(AdapterCapacityError, match="busy or pinned"):
-        adapters.ensure("B", lambda: lora_dirs["B"])
+    adapters.slot_wait_seconds = 0.2
+    try:
+        with pytest.raises(AdapterCapacityError, match="busy or pinned"):
+            adapters.ensure("B", lambda: lora_dirs["B"])
+    finally:
+        adapters.slot_wait_seconds = SLOT_WAIT_SECONDS
     state = adapters.states()["B"]
     assert state["state"] == "errored" and "busy or pinned" in state["error"]
     with pytest.raises(AdapterInUseError):
@@ -133,6 +138,25 @@ def test_pinned_and_in_use_adapters_are_never_evicted(capped_engine, lora_dirs, 
     assert sorted(adapters.loaded()) == ["A", "B"]
     assert capped_engine.generate(GenerationRequest(prompts[0], "A", 12, temperature=0.0)).token_ids == expected["A"]
     adapters.set_pinned("A", False)
+
+
+def test_a_load_waits_for_a_request_to_free_a_slot(capped_engine, lora_dirs, prompts):
+    reset(capped_engine)
+    adapters = capped_engine.adapters
+    for name in ("A", "B"):
+        adapters.ensure(name, lambda name=name: lora_dirs[name])
+    holds = [capped_engine.submit(GenerationRequest(prompts[0], name, 2000, temperature=0.0)) for name in ("A", "B")]
+    loaded = []
+    waiter = threading.Thread(target=lambda: loaded.append(adapters.ensure("C", lambda: lora_dirs["C"]).state))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and adapters.states()["C"]["state"] == "loading"  # waiting, not failed
+    holds[0].cancel()
+    list(holds[0])
+    waiter.join(30)
+    assert loaded == ["ready"] and sorted(adapters.loaded()) == ["B", "C"]
+    holds[1].cancel()
+    list(holds[1])
 
 
 def test_pinned_adapters_take_at_most_half_of_the_slots(capped_engine, lora_dirs):
