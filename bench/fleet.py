@@ -165,13 +165,13 @@ def time_to_first_token(api: str, key: str, model: str) -> float:
     """Seconds until the first streamed content chunk."""
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=600) as client:
         start = time.perf_counter()
+        first = None
         with client.stream("POST", "/v1/chat/completions", json=chat_body(model, 1, stream=True)) as answer:
             for line in answer.iter_lines():
-                if line.startswith("data: {") and '"content"' in line:
+                if first is None and line.startswith("data: {") and '"content"' in line:
                     first = time.perf_counter() - start
-                    break
-            for _ in answer.iter_lines():
-                pass
+        if first is None:
+            raise RuntimeError(f"{model}: the stream had no content")
         return first
 
 

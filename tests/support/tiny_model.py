@@ -29,8 +29,9 @@ def cached_smollm2_tokenizer_dir(cache_dir: Path | None = None) -> Path:
     return folder
 
 
-def build_tiny_llama(dest: Path, cache_dir: Path | None = None) -> Path:
-    """Save a random 2-layer Llama (hidden 64) with SmolLM2's tokenizer into `dest`; return it."""
+def build_tiny_llama(dest: Path, cache_dir: Path | None = None, **config_overrides) -> Path:
+    """Save a random 2-layer Llama (hidden 64, unless `config_overrides` say otherwise) with SmolLM2's
+    tokenizer into `dest`; return it."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -38,19 +39,20 @@ def build_tiny_llama(dest: Path, cache_dir: Path | None = None) -> Path:
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
     tokenizer = AutoTokenizer.from_pretrained(cached_smollm2_tokenizer_dir(cache_dir))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **config_overrides,
+    })
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     dest.mkdir(parents=True, exist_ok=True)
