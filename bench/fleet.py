@@ -15,8 +15,10 @@ one with round-robin (`PATCHBAY_ROUTING_POLICY`). Both replicas are emptied befo
 Counted: adapter loads (the replicas' own statistics) and generated tokens/s. The named baseline is
 round-robin.
 
-This machine has 2 cores: the replicas, the API and this load generator share them. Absolute figures
-are low and noisy; the ratios of one interleaved run are what to compare.
+This machine has 2 cores: the replicas, the API and this load generator share them. vLLM's OpenMP
+threads are bound to all cores (`VLLM_CPU_OMP_THREADS_BIND=0-N`, as in ../shared/ENVIRONMENT.md); the
+two routing replicas get half the cores' threads each (`OMP_NUM_THREADS`). Absolute figures are low and
+noisy; the ratios of one interleaved run are what to compare.
 
 Usage: .venv/bin/python bench/fleet.py [--repeats 3] [--skip-vllm] [--model smollm2|tiny]
 Writes bench/results/fleet.json and fleet.md.
@@ -239,7 +241,8 @@ def part_engines(stack: PatchbayStack, model_dir: Path, folders: list[Path], rep
     start_replica(stack, "smollm2-ours", "patchbay")
     ours_start = time.perf_counter() - start
     start = time.perf_counter()
-    start_replica(stack, "smollm2-vllm", "vllm")
+    start_replica(stack, "smollm2-vllm", "vllm", VLLM_CPU_OMP_THREADS_BIND=os.environ.get(
+        "VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}"))
     vllm_start = time.perf_counter() - start
     engine_round(api, stack.key, "smollm2-ours", ours)  # warm-up: first-request costs stay out of the figures
     engine_round(api, stack.key, "smollm2-vllm", theirs)
@@ -259,7 +262,10 @@ def part_routing(stack: PatchbayStack, model_dir: Path, folders: list[Path], rep
     affinity = start_api(stack, PATCHBAY_ROUTING_POLICY="affinity")
     round_robin = start_api(stack, PATCHBAY_ROUTING_POLICY="round_robin")
     names = import_adapters(stack, affinity, "smollm2-fleet", folders[:ROTATION_ADAPTERS], "fleet")
-    replicas = [start_replica(stack, "smollm2-fleet", PATCHBAY_MAX_LOADED_ADAPTERS="2") for _ in range(2)]
+    # Two replicas share this machine's cores: one thread each, or their thread pools fight over them.
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    replicas = [start_replica(stack, "smollm2-fleet", PATCHBAY_MAX_LOADED_ADAPTERS="2", OMP_NUM_THREADS=threads)
+                for _ in range(2)]
     rows: dict[str, list] = {"affinity": [], "round_robin": []}
     for repeat in range(repeats):
         order = ("affinity", "round_robin") if repeat % 2 == 0 else ("round_robin", "affinity")
@@ -333,6 +339,8 @@ def main() -> None:
                 results["engines"] = part_engines(stack, model_dir, folders, args.repeats)
             finally:
                 stack.stop()
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            (RESULTS_DIR / "fleet.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if part 2 fails
         stack = new_stack(Path(tmp) / "routing")
         try:
             results["routing"] = part_routing(stack, model_dir, folders, args.repeats)
