@@ -31,8 +31,8 @@ rm -rf "$PATCHBAY_DATA_DIR"
 setsid .venv-gpu/bin/patchbay serve --port 8000 --inference-port 8001 > bench/results/gpu_serve.log 2>&1 &
 SERVE=$!
 trap 'kill -TERM -- -$SERVE 2>/dev/null || true' EXIT
-for _ in $(seq 1 180); do grep -q "^ready" bench/results/gpu_serve.log && break; sleep 1; done
-grep -q "^ready" bench/results/gpu_serve.log || { tail -50 bench/results/gpu_serve.log; exit 1; }
+for _ in $(seq 1 180); do grep -q "is ready at" bench/results/gpu_serve.log && break; sleep 1; done
+grep -q "is ready at" bench/results/gpu_serve.log || { tail -50 bench/results/gpu_serve.log; exit 1; }
 .venv-gpu/bin/patchbay demo | tee bench/results/gpu_demo.log
 ADAPTER=pirate-demo  # the demo job's suffix, its registry name
 

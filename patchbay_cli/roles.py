@@ -122,7 +122,13 @@ def serve(host: str = HostOption, port: int = PortOption,
     """Run the API, a training worker and one inference replica per base model as child processes."""
     from core.migrate import upgrade_head
     from core.settings import get_settings
-    from patchbay_cli.local_fleet import LocalReplica, ReadinessWatch, probe_host, replica_ports
+    from patchbay_cli.local_fleet import (
+        LocalReplica,
+        ReadinessWatch,
+        probe_host,
+        replica_ports,
+        replica_threads_env,
+    )
     from worker.base_models import DEFAULT_BASE_MODEL, ensure_default_base_model
 
     upgrade_head()
@@ -140,7 +146,8 @@ def serve(host: str = HostOption, port: int = PortOption,
         subprocess.Popen([*exe, "api", "--host", host, "--port", str(port)], env=env),
         subprocess.Popen([*exe, "worker"], env=env),
         *(subprocess.Popen([*exe, "inference", "--host", "127.0.0.1", "--port", str(r.port), "--base-model",
-                            r.base_model, "--advertise-url", r.url], env=env) for r in replicas),
+                            r.base_model, "--advertise-url", r.url], env={**env, **replica_threads_env(len(replicas))})
+          for r in replicas),
     ]
     api_url = f"http://{probe_host(host)}:{port}"
     typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\nAPI key (team 'default'): {key}\n"
