@@ -1,7 +1,8 @@
 """Forward inference requests to the replicas of their base model, streaming included.
 
 `api/fleet.py` picks the replicas and their order; a replica that cannot be reached (or, for an
-answer not streamed, breaks off while answering) is marked suspect and the next one is tried.
+answer not streamed, breaks off while answering) is marked suspect and the next one is tried, and so
+is the next after a 503 (a replica busy for now); the last candidate's answer is the client's.
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ async def forward(path: str, body: dict, base_model: str, adapter: AdapterRef | 
     fleet = get_fleet()
     headers = adapter_headers(adapter)
     last_error: Exception | None = None
-    for replica in await fleet.route(base_model, adapter):
+    candidates = await fleet.route(base_model, adapter)
+    for index, replica in enumerate(candidates):
         attempt = Attempt(fleet.tracker, replica, adapter.id if adapter else None)
         try:
-            return await _forward_to(replica, attempt, path, body, headers, stream, on_usage, client_wants_usage)
+            response = await _forward_to(replica, attempt, path, body, headers, stream, on_usage, client_wants_usage)
+            if response.status_code == 503 and index + 1 < len(candidates):
+                # Busy for now (slots held, engine restarting): another replica of the base may answer.
+                log.info("inference replica %s (%s) answered 503; trying the next", replica.id, replica.url)
+                continue
+            return response
         except _Unreachable as exc:
             attempt.failed()
             last_error = exc.__cause__
@@ -95,7 +102,9 @@ async def _forward_to(replica: ReplicaPublic, attempt: Attempt, path: str, body:
         return error_response(502, "The inference server gave an unreadable answer.", None, "bad_gateway")
     if on_usage is not None and upstream.status_code == 200:
         await on_usage(_completion_tokens(answer))
-    return JSONResponse(answer, status_code=upstream.status_code)
+    retry_after = upstream.headers.get("retry-after")
+    return JSONResponse(answer, status_code=upstream.status_code,
+                        headers={"Retry-After": retry_after} if retry_after else None)
 
 
 async def _release(upstream: httpx.Response, attempt: Attempt) -> None:

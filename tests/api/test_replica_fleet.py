@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from core.auth import create_api_key
 from core.db import session_scope
@@ -31,6 +32,7 @@ class StandIn:
         self.name, self.base_model, self.engine, self.state = name, base_model, engine, state
         self.url = ""
         self.received: list[dict] = []
+        self.busy = False
 
     def status(self) -> ReplicaStatus:
         return ReplicaStatus(url=self.url, base_model=self.base_model, engine=self.engine, state=self.state,
@@ -44,10 +46,14 @@ class StandIn:
         async def status() -> dict:
             return self.status().model_dump()
 
-        @app.post("/v1/chat/completions")
-        async def chat(request: Request) -> dict:
+        @app.post("/v1/chat/completions", response_model=None)
+        async def chat(request: Request) -> dict | JSONResponse:
             header = request.headers.get("x-patchbay-adapter")
             self.received.append({"path": "chat", "adapter": json.loads(header) if header else None})
+            if self.busy:
+                return JSONResponse({"error": {"message": f"{self.name} is busy", "type": "api_error", "param": None,
+                                               "code": "adapter_slots_busy"}}, status_code=503,
+                                    headers={"Retry-After": "1"})
             return {"object": "chat.completion", "choices": [{"index": 0, "message": {"content": self.name}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
@@ -120,6 +126,20 @@ def test_requests_reach_only_their_bases_replicas_passing_over_a_dead_one(api_wi
     assert [r["adapter"] for r in other.received] == [None]
     adapter = mine.received[-1]["adapter"]
     assert adapter["base_model"] == BASE and adapter["kinds"] == ["lora"]
+
+
+def test_a_busy_replica_passes_the_request_on_and_the_last_ones_answer_is_the_clients(api_with):
+    busy, free = StandIn("busy"), StandIn("free")
+    busy.busy = True
+    with serving(busy, free):
+        api = api_with(**FLEET)
+        busy.register(), free.register()
+        assert {answered_by(chat(api, BASE)) for _ in range(4)} == {"free"}
+        assert busy.received  # it was asked, and said it was busy
+        free.busy = True
+        answer = chat(api, BASE)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "adapter_slots_busy"
+        assert answer.headers["Retry-After"] == "1"
 
 
 def test_no_replica_of_the_base_is_a_503_saying_how_to_start_one(api_with):
