@@ -31,12 +31,44 @@ def create_team(session: Session, name: str) -> Team:
 
 def create_api_key(session: Session, team: Team, *, is_admin: bool = False) -> str:
     """Issue a new key for `team` and return it in clear (the only time it is visible)."""
+    return issue_api_key(session, team, is_admin=is_admin)[1]
+
+
+def issue_api_key(session: Session, team: Team, *, is_admin: bool = False) -> tuple[ApiKey, str]:
+    """Issue a new key for `team`: its row, and the key in clear (the only time it is visible)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(
-        ApiKey(id=new_id("key"), team_id=team.id, key_hash=hash_key(key), prefix=key[:10], is_admin=is_admin)
-    )
+    record = ApiKey(id=new_id("key"), team_id=team.id, key_hash=hash_key(key), prefix=key[:10], is_admin=is_admin)
+    session.add(record)
     session.flush()
-    return key
+    return record, key
+
+
+class LastAdminKeyError(ValueError):
+    """Revoking this key would leave its team without an admin key."""
+
+
+def team_keys(session: Session, team: Team) -> list[ApiKey]:
+    """The team's keys, oldest first."""
+    return list(session.scalars(select(ApiKey).where(ApiKey.team_id == team.id)
+                                .order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def revoke_api_key(session: Session, team: Team, key_id: str) -> bool:
+    """Delete one of the team's keys (False: the team has no such key); it stops working at once.
+
+    Raises LastAdminKeyError for the team's last admin key: nobody could then manage the team's keys.
+    """
+    key = session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.team_id == team.id))
+    if key is None:
+        return False
+    # Lock the team's admin keys, so that two revocations at once cannot remove the last two.
+    admins = session.scalars(select(ApiKey.id).where(ApiKey.team_id == team.id, ApiKey.is_admin).with_for_update())
+    if key.is_admin and not set(admins) - {key.id}:
+        raise LastAdminKeyError(f"API key {key.prefix}… is the team's last admin key; create another admin key "
+                                "before revoking it")
+    session.delete(key)
+    session.flush()
+    return True
 
 
 def team_for_key(session: Session, key: str) -> tuple[Team, ApiKey] | None:
