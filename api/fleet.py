@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Collection
 
 from api.replica_directory import ReplicaDirectory
 from api.replica_routing import Shortlist, order_replicas, shortlist
@@ -67,10 +66,6 @@ class Fleet:
                 raise still_loading(base_model, self.settings.replica_wait_seconds)
             await asyncio.sleep(min(WAIT_POLL_SECONDS, remaining))
 
-    async def members(self, base_model: str, kinds: Collection[str] = ()) -> list[ReplicaPublic]:
-        """The live replicas of `base_model` (any state) that serve `kinds`."""
-        short = shortlist(await self.replicas(), base_model, kinds)
-        return short.ready + short.starting
 
 
 _fleet: Fleet | None = None
