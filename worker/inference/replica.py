@@ -10,7 +10,6 @@ changes, and retired at shutdown.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import sys
@@ -21,28 +20,11 @@ from core.errors import ApiError, unavailable
 from core.schemas.replicas import ReplicaStatus
 from core.serving_kinds import PATCHBAY_ENGINE_KINDS
 from core.settings import Settings
+from worker.inference.request_counter import RequestCounter
 from worker.inference.service import MAX_BATCH_SIZE, InferenceService
 
 log = logging.getLogger("patchbay.replica")
 LOADING_RETRY_AFTER_SECONDS = 2
-
-
-class RequestCounter:
-    """Generation requests received, in all and by model (an adapter version id, or the base model id)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_model: collections.Counter[str] = collections.Counter()
-
-    def count(self, model: str) -> None:
-        """Count one request for `model`."""
-        with self._lock:
-            self._by_model[model] += 1
-
-    def snapshot(self) -> dict:
-        """`requests` and `requests_by_model`, as `/status` shows them."""
-        with self._lock:
-            return {"requests": sum(self._by_model.values()), "requests_by_model": dict(self._by_model)}
 
 
 class Replica:

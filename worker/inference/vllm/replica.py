@@ -10,11 +10,9 @@ the row is retired first, so that routing forgets the replica before vLLM stops.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from core.models import BaseModelRecord
 from core.schemas.replicas import ReplicaStatus
 from core.serving_kinds import VLLM_ENGINE_KINDS
 from core.settings import Settings
+from worker.inference.request_counter import RequestCounter
 from worker.inference.vllm.environment import child_environment, require_vllm, vllm_device
 from worker.inference.vllm.process import (
     MAX_NUM_SEQS,
@@ -41,28 +40,6 @@ START_SECONDS = 900.0
 """How long vLLM may take to answer /health (a large model on a GPU compiles and captures graphs)."""
 BASE_WAIT_POLL_SECONDS = 5.0
 LOADING_RETRY_AFTER_SECONDS = 2
-
-
-class RequestCounter:
-    """Generation requests: in all, by model (an adapter version id or the base id), and in flight now."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_model: collections.Counter[str] = collections.Counter()
-        self.in_flight = 0
-
-    def begin(self, model: str) -> None:
-        with self._lock:
-            self._by_model[model] += 1
-            self.in_flight += 1
-
-    def end(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {"requests": sum(self._by_model.values()), "requests_by_model": dict(self._by_model)}
 
 
 def base_model_folder(settings: Settings, deadline: float) -> Path:
