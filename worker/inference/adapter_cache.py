@@ -12,12 +12,25 @@ import secrets
 import shutil
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from core.errors import error_response
 from core.schemas.inference import AdapterRef
 from core.storage import folder_sha256, get_storage
 
 
 class AdapterFetchError(RuntimeError):
     """An adapter that could not be fetched or failed its integrity check."""
+
+
+def answer_fetch_errors(app: FastAPI) -> None:
+    """Answer an `AdapterFetchError` a route lets through: 400 `adapter_unavailable`, naming `model`."""
+
+    async def fetch_failed(_: Request, exc: AdapterFetchError) -> JSONResponse:
+        return error_response(400, str(exc), "model", "adapter_unavailable")
+
+    app.add_exception_handler(AdapterFetchError, fetch_failed)
 
 
 def fetch_adapter(ref: AdapterRef, cache_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from core.errors import error_response, install_error_handlers
 from core.settings import get_settings
-from worker.inference.adapter_cache import AdapterFetchError
+from worker.inference.adapter_cache import answer_fetch_errors
 from worker.inference.replica import Replica
 from worker.inference.routes import AdapterLoadFailed, router
 
@@ -55,15 +55,12 @@ def install_adapter_error_handlers(app: FastAPI) -> None:
     """Answer the adapter errors the routes let through: fetch failures, load failures and the pin limit."""
     from worker.inference.adapters import AdapterPinLimitError
 
-    async def fetch_failed(_: Request, exc: AdapterFetchError) -> JSONResponse:
-        return error_response(400, str(exc), "model", "adapter_unavailable")
-
     async def load_failed(_: Request, exc: AdapterLoadFailed) -> JSONResponse:
         return error_response(400, str(exc), exc.param, "adapter_load_failed")
 
     async def pin_limit(_: Request, exc: AdapterPinLimitError) -> JSONResponse:
         return error_response(409, str(exc), "lora_name", "pin_limit")
 
-    app.add_exception_handler(AdapterFetchError, fetch_failed)
+    answer_fetch_errors(app)
     app.add_exception_handler(AdapterLoadFailed, load_failed)
     app.add_exception_handler(AdapterPinLimitError, pin_limit)

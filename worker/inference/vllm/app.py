@@ -24,7 +24,7 @@ from core.errors import ApiError, error_response, install_error_handlers, invali
 from core.schemas.inference import AdapterRef, InternalLoadAdapter, InternalUnloadAdapter
 from core.schemas.replicas import ReplicaStatus
 from core.settings import get_settings
-from worker.inference.adapter_cache import AdapterFetchError
+from worker.inference.adapter_cache import answer_fetch_errors
 from worker.inference.vllm.relay import error_answer, is_stream, json_answer, missing_model, read_json, stream_answer
 from worker.inference.vllm.replica import LOADING_RETRY_AFTER_SECONDS, VllmReplica
 from worker.inference.vllm.service import AdapterLoadFailed
@@ -197,11 +197,8 @@ def create_vllm_process_app() -> FastAPI:
 def install_adapter_error_handlers(app: FastAPI) -> None:
     """Answer adapter fetch failures and vLLM's refusals to load an adapter (400 both)."""
 
-    async def fetch_failed(_: Request, exc: AdapterFetchError) -> JSONResponse:
-        return error_response(400, str(exc), "model", "adapter_unavailable")
-
     async def load_failed(_: Request, exc: AdapterLoadFailed) -> JSONResponse:
         return error_response(400, str(exc), "model", "adapter_load_failed")
 
-    app.add_exception_handler(AdapterFetchError, fetch_failed)
+    answer_fetch_errors(app)
     app.add_exception_handler(AdapterLoadFailed, load_failed)
