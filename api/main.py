@@ -7,11 +7,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.console.routes import install_console
 from api.dispatch import DispatchLoop
 from api.edge import AsgiEdge
 from api.openapi import install_openapi
 from api.ratelimit import RateLimits
-from api.routes import adapters, admin, api_keys, files, health, inference, jobs, models, replicas
+from api.routes import adapters, admin, api_keys, files, fleet, health, identity, inference, jobs, models, replicas
 from api.upstream_client import close_upstream_client
 from core.errors import install_error_handlers
 from core.periodic import Periodic
@@ -51,7 +52,8 @@ def create_app() -> FastAPI:
     app.state.rate_limits = RateLimits()
     install_error_handlers(app)
     install_openapi(app)
-    for module in (health, files, jobs, models, adapters, inference, replicas, admin, api_keys):
+    for module in (health, identity, files, jobs, models, adapters, inference, replicas, fleet, admin, api_keys):
         app.include_router(module.router)
+    install_console(app)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

@@ -193,6 +193,7 @@ class ReportBuilder:
     def __init__(self) -> None:
         self.report = ValidationReport()
         self._line_no = 0
+        self.last_error: str | None = None
 
     def feed(self, raw: bytes) -> None:
         """Validate one line (without its newline)."""
@@ -217,13 +218,20 @@ class ReportBuilder:
         self._line_no += 1
         self._error(reason)
 
+    @property
+    def line_no(self) -> int:
+        """The number of the line fed last (1-based)."""
+        return self._line_no
+
     def _error(self, reason: str) -> None:
+        self.last_error = reason
         self.report.n_errors += 1
         if len(self.report.errors) < MAX_REPORTED_ERRORS:
             self.report.errors.append(f"line {self._line_no}: {reason}")
 
 
-def _skip_rest_of_line(fh: BinaryIO) -> None:
+def skip_rest_of_line(fh: BinaryIO) -> None:
+    """Read past the rest of an over-long line."""
     while (chunk := fh.readline(1024 * 1024)) and not chunk.endswith(b"\n"):
         pass
 
@@ -234,7 +242,7 @@ def validate_file(path: str | Path, max_line_bytes: int) -> ValidationReport:
     with open(path, "rb") as fh:
         while line := fh.readline(max_line_bytes + 1):
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                _skip_rest_of_line(fh)
+                skip_rest_of_line(fh)
                 builder.refuse_line(f"longer than the limit of {max_line_bytes} bytes")
                 continue
             builder.feed(line.rstrip(b"\r\n"))

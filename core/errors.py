@@ -60,6 +60,16 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
     return ApiError(400, message, param=param, code=code)
 
 
+def invalid_all(problems: list[ApiError]) -> ApiError:
+    """One 400 for several invalid fields: the first names `param`, and `errors` lists every one."""
+    if len(problems) == 1:
+        return problems[0]
+    listed = "; ".join(f"{p.param}: {p.message}" for p in problems)
+    return ApiError(400, f"Invalid request ({len(problems)} problem(s)): {listed}", param=problems[0].param,
+                    code="invalid_request",
+                    extra={"errors": [{"param": p.param, "message": p.message, "code": p.code} for p in problems]})
+
+
 def unavailable(message: str, code: str = "store_unavailable", retry_after: float = RETRY_AFTER_SECONDS) -> ApiError:
     """503 with Retry-After: something the request needs is down for now."""
     return ApiError(503, message, code=code, headers={"Retry-After": str(max(1, round(retry_after)))})
@@ -93,7 +103,7 @@ def _loc_to_param(loc: tuple) -> str | None:
     return ".".join(p for p in parts if not _TYPE_TAG.match(p)) or None
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, list[dict]]:
     seen: dict[str, str] = {}
     for err in exc.errors():
         param = _loc_to_param(tuple(err.get("loc", ())))
@@ -111,7 +121,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         seen.setdefault(key, msg)
     first = next(iter(seen), None)
     listed = "; ".join(f"{k}: {v}" for k, v in seen.items())
-    return f"Invalid request ({len(seen)} problem(s)): {listed}", (first if first != "body" else None)
+    problems = [{"param": None if k == "body" else k, "message": v} for k, v in seen.items()]
+    return f"Invalid request ({len(seen)} problem(s)): {listed}", (first if first != "body" else None), problems
 
 
 def request_id_of(request: Request) -> str | None:
@@ -128,8 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(exc)
-        return error_response(400, message, param, "invalid_request")
+        message, param, problems = _describe_validation(exc)
+        return error_response(400, message, param, "invalid_request", extra={"errors": problems})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

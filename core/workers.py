@@ -33,3 +33,9 @@ def live_capacity(session: Session, ttl_seconds: float) -> int:
 def forget_dead_workers(session: Session, ttl_seconds: float) -> int:
     """Delete rows whose heartbeat stopped long ago (a killed worker never says goodbye)."""
     return session.execute(delete(WorkerRecord).where(WorkerRecord.heartbeat_at < now() - 10 * ttl_seconds)).rowcount
+
+
+def live_workers(session: Session, ttl_seconds: float) -> list[WorkerRecord]:
+    """The workers heard from within `ttl_seconds`, oldest first."""
+    return list(session.scalars(select(WorkerRecord).where(WorkerRecord.heartbeat_at > now() - ttl_seconds)
+                                .order_by(WorkerRecord.started_at)))

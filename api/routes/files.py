@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
@@ -13,6 +15,7 @@ from api.pagination import After, Limit, page_newest_first
 from api.routing import team_router
 from api.team_slots import UPLOADS
 from api.uploads import UploadResult, multipart_openapi, receive_upload, upload_allowance
+from core.dataset_preview import preview_file
 from core.datasets import validate_file
 from core.db import session_scope
 from core.errors import ApiError, invalid, not_found
@@ -20,12 +23,14 @@ from core.ids import new_id
 from core.job_lifecycle import UNFINISHED_STATUSES
 from core.models import File, Job
 from core.schemas.common import DeletedObject, ListPage
-from core.schemas.files import FilePublic
+from core.schemas.files import FileLine, FilePreviewPublic, FilePublic
 from core.storage import get_storage
 from core.temporaries import commit_into_place, temp_key
 
 router = team_router("/v1/files", "files")
 PURPOSES = ("fine-tune",)
+MAX_PREVIEW_ROWS = 100
+MAX_INVALID_SHOWN = 20
 
 
 def get_team_file(session: SessionDep, team: CurrentTeam, file_id: str, param: str | None = None) -> File:
@@ -112,6 +117,28 @@ def file_content(file_id: str, session: SessionDep, team: CurrentTeam) -> Stream
         media_type="application/jsonl",
         headers={"Content-Disposition": f'attachment; filename="{row.id}.jsonl"'},
     )
+
+
+@router.get("/{file_id}/preview", response_model=FilePreviewPublic)
+async def preview(file_id: str, team: CurrentTeam, settings: SettingsDep,
+                  limit: int = Query(20, ge=1, le=MAX_PREVIEW_ROWS)) -> FilePreviewPublic:
+    """The file's first `limit` lines and, when it is invalid, up to 20 of its invalid lines with the reasons."""
+    row = await run_in_threadpool(_team_file_row, team, file_id)
+    wanted_invalid = MAX_INVALID_SHOWN if row.status == "error" else 0
+    found = await run_in_threadpool(preview_file, get_storage().path(row.storage_key), settings.max_line_bytes,
+                                    limit, wanted_invalid)
+    counted = re.match(r"(\d+) invalid line", row.status_details or "")
+    return FilePreviewPublic(
+        id=row.id, format=row.format, status=row.status, n_errors=int(counted.group(1)) if counted else 0,
+        rows=[FileLine(**vars(line)) for line in found.rows],
+        invalid_rows=[FileLine(**vars(line)) for line in found.invalid_rows], truncated=found.truncated)
+
+
+def _team_file_row(team, file_id: str) -> File:
+    with session_scope() as session:
+        row = get_team_file(session, team, file_id)
+        session.expunge(row)
+        return row
 
 
 @router.delete("/{file_id}", response_model=DeletedObject)

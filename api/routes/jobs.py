@@ -18,7 +18,7 @@ from api.team_slots import EVENT_STREAMS
 from core import job_lifecycle
 from core.base_models import has_chat_template
 from core.db import session_scope
-from core.errors import ApiError, invalid, not_found
+from core.errors import ApiError, invalid, invalid_all, not_found
 from core.events import add_event
 from core.ids import new_id
 from core.job_lifecycle import CANCELLED, PAUSED, TERMINAL_STATUSES
@@ -41,6 +41,7 @@ from core.schemas.jobs import (
     JobCreate,
     JobEventPublic,
     JobListPage,
+    JobPreview,
     JobPublic,
     valid_metadata_key,
 )
@@ -74,24 +75,47 @@ def _usable_file(session, team: Team, file_id: str, param: str) -> File:
     return row
 
 
-@router.post("", response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep) -> JobPublic:
-    """Validate the whole spec, then write the job and its dispatch in one transaction."""
-    check_queued_jobs(session, team, settings)
+def _checked_inputs(session, team: Team, body: JobCreate) -> tuple[BaseModelRecord, File]:
+    """The base model and the training file, after checking every input the schema cannot (all at once)."""
+    problems: list[ApiError] = []
     base = session.get(BaseModelRecord, body.model)
     if base is None:
         known = ", ".join(session.scalars(select(BaseModelRecord.id)).all()) or "none registered"
-        raise invalid(f"Unknown base model '{body.model}' (available: {known}).", "model", "model_not_found")
-    files = {"training_file": _usable_file(session, team, body.training_file, "training_file")}
-    if body.validation_file:
-        files["validation_file"] = _usable_file(session, team, body.validation_file, "validation_file")
+        problems.append(invalid(f"Unknown base model '{body.model}' (available: {known}).", "model",
+                                "model_not_found"))
+    files = {}
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(body, param)
+        if file_id:
+            try:
+                files[param] = _usable_file(session, team, file_id, param)
+            except ApiError as exc:
+                problems.append(exc)
     for param, row in files.items():
-        if row.format in ("chat", "alpaca") and not has_chat_template(Path(base.path)):
-            raise invalid(f"File '{row.id}' holds {row.format} examples, but base model '{base.id}' has no chat "
-                          "template; use prompt/completion or text examples with it.", param, "no_chat_template")
-    training = files["training_file"]
+        if base is not None and row.format in ("chat", "alpaca") and not has_chat_template(Path(base.path)):
+            problems.append(invalid(f"File '{row.id}' holds {row.format} examples, but base model '{base.id}' has "
+                                    "no chat template; use prompt/completion or text examples with it.", param,
+                                    "no_chat_template"))
+    if problems:
+        raise invalid_all(problems)
+    return base, files["training_file"]
+
+
+@router.post("", response_model=JobPublic | JobPreview)
+def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep,
+               dry_run: bool = False) -> JobPublic | JobPreview:
+    """Validate the whole spec, then write the job and its dispatch in one transaction.
+
+    With `dry_run=true` nothing is written: the answer is the spec as the job would resolve it (every
+    `"auto"` and method default filled in), or the same 400 a real create would give.
+    """
+    if not dry_run:
+        check_queued_jobs(session, team, settings)
+    _, training = _checked_inputs(session, team, body)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     resolved = resolve_training(body.chosen_hyperparameters(), body.peft, training.n_examples, seed)
+    if dry_run:
+        return JobPreview.of(body, resolved, training.n_examples)
     job = job_lifecycle.new_job(
         deadline_seconds=settings.job_deadline_seconds,
         id=new_id("ftjob"),

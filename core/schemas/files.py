@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from core.models import File
 
@@ -39,3 +39,24 @@ class FilePublic(BaseModel):
             format=row.format,
             n_examples=row.n_examples,
         )
+
+
+class FileLine(BaseModel):
+    """One line of a file, cut at 4000 characters, with the validator's reason when it is invalid."""
+
+    line: int
+    text: str
+    error: str | None = None
+
+
+class FilePreviewPublic(BaseModel):
+    """`GET /v1/files/{id}/preview`: the first lines, and up to 20 invalid lines wherever they are."""
+
+    object: Literal["file.preview"] = "file.preview"
+    id: str
+    format: str | None
+    status: str
+    n_errors: int = Field(description="invalid lines in the whole file, from its validation")
+    rows: list[FileLine]
+    invalid_rows: list[FileLine]
+    truncated: bool = Field(description="the file goes on after the last line read")

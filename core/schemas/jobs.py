@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from core.models import Checkpoint, Job, JobEvent
 from core.schemas.bounds import ObjectId
 from core.schemas.peft_methods import RANKED_METHODS
-from core.schemas.training import Hyperparameters, PeftConfigSpec
+from core.schemas.training import Hyperparameters, PeftConfigSpec, ResolvedTraining
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -100,6 +100,44 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+def public_training(resolved: dict, spec_peft: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A job's hyperparameters and `peft` object as clients see them: resolved where the job resolved them."""
+    hyper = {
+        "n_epochs": resolved.get("n_epochs", "auto"),
+        "batch_size": resolved.get("batch_size", "auto"),
+        "learning_rate_multiplier": resolved.get("learning_rate_multiplier", "auto"),
+    }
+    peft = dict(resolved.get("peft") or spec_peft)
+    if resolved:
+        peft.update(quantization=resolved["quantization"], learning_rate=resolved["learning_rate"])
+        if peft.get("method") in RANKED_METHODS:
+            peft["alpha"] = resolved["lora_alpha"]
+    return hyper, peft
+
+
+class JobPreview(BaseModel):
+    """`POST /v1/fine_tuning/jobs?dry_run=true`: what the job would train with, without creating it."""
+
+    object: Literal["fine_tuning.job.preview"] = "fine_tuning.job.preview"
+    model: str
+    training_file: str
+    validation_file: str | None
+    training_examples: int
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    peft: dict[str, Any]
+    expected_steps: int | None
+
+    @classmethod
+    def of(cls, body: "JobCreate", resolved: ResolvedTraining, n_examples: int) -> "JobPreview":
+        """The preview of a validated request and its resolution."""
+        hyper, peft = public_training(resolved.model_dump(mode="json"), {})
+        return cls(model=body.model, training_file=body.training_file, validation_file=body.validation_file,
+                   training_examples=n_examples, hyperparameters=hyper,
+                   method={"type": "supervised", "supervised": {"hyperparameters": hyper}}, peft=peft,
+                   expected_steps=resolved.expected_steps)
+
+
 class JobPublic(BaseModel):
     """A fine-tuning job as clients see it."""
 
@@ -128,17 +166,7 @@ class JobPublic(BaseModel):
     @classmethod
     def of(cls, row: Job) -> "JobPublic":
         """Render a Job row."""
-        resolved = row.resolved or {}
-        hyper = {
-            "n_epochs": resolved.get("n_epochs", "auto"),
-            "batch_size": resolved.get("batch_size", "auto"),
-            "learning_rate_multiplier": resolved.get("learning_rate_multiplier", "auto"),
-        }
-        peft = dict(resolved.get("peft") or row.spec.get("peft") or {})
-        if resolved:
-            peft.update(quantization=resolved["quantization"], learning_rate=resolved["learning_rate"])
-            if peft.get("method") in RANKED_METHODS:
-                peft["alpha"] = resolved["lora_alpha"]
+        hyper, peft = public_training(row.resolved or {}, row.spec.get("peft") or {})
         return cls(
             id=row.id,
             model=row.model,

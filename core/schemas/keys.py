@@ -35,3 +35,18 @@ class ApiKeyCreated(ApiKeyPublic):
     """A new key: the only answer that carries its secret."""
 
     key: str = Field(description="the secret; store it now, it is never shown again")
+
+
+class TeamRef(BaseModel):
+    """A team, by id and name."""
+
+    id: str
+    name: str
+
+
+class Identity(BaseModel):
+    """`GET /v1/me`: who the calling key is."""
+
+    object: Literal["identity"] = "identity"
+    team: TeamRef
+    key: ApiKeyPublic
