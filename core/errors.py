@@ -112,7 +112,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, 
         problems = (err.get("ctx") or {}).get("error")
         if isinstance(problems, FieldProblems):
             for field, reason in problems.problems:
-                seen.setdefault(field, reason)
+                # A nested model names its fields relative to itself (hyperparameters' `n_epochs`).
+                absolute = field if key == "body" or field.startswith(f"{key}.") else f"{key}.{field}"
+                seen.setdefault(absolute, reason)
             continue
         if err.get("type") == "json_invalid":
             msg = "the body is not valid JSON"

@@ -51,14 +51,17 @@ class Hyperparameters(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> "Hyperparameters":
+        problems = []
         if isinstance(self.n_epochs, int) and not 1 <= self.n_epochs <= 50:
-            raise ValueError("n_epochs must be between 1 and 50")
+            problems.append(("n_epochs", "n_epochs must be between 1 and 50"))
         if isinstance(self.batch_size, int) and not 1 <= self.batch_size <= 256:
-            raise ValueError("batch_size must be between 1 and 256")
+            problems.append(("batch_size", "batch_size must be between 1 and 256"))
         if isinstance(self.learning_rate_multiplier, float | int) and not (
             0 < self.learning_rate_multiplier <= 100
         ):
-            raise ValueError("learning_rate_multiplier must be in (0, 100]")
+            problems.append(("learning_rate_multiplier", "learning_rate_multiplier must be in (0, 100]"))
+        if problems:
+            raise FieldProblems(problems)  # named relative to this object: the error edge adds its path
         return self
 
 

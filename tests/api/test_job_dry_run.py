@@ -34,7 +34,7 @@ def test_every_bad_field_is_listed_at_once_schema_problems_first(api):
     assert response.status_code == 400
     error = response.json()["error"]
     params = {p["param"] for p in error["errors"]}
-    assert {"suffix", "hyperparameters", "peft.r", "peft.dropout"} <= params, error
+    assert {"suffix", "hyperparameters.n_epochs", "peft.r", "peft.dropout"} <= params, error
     assert error["param"] == error["errors"][0]["param"] and all(p["message"] for p in error["errors"])
 
 
@@ -52,3 +52,13 @@ def test_a_single_problem_keeps_the_plain_error_shape(api):
     response = create(api, model="no-such-model", training_file=upload(api, to_jsonl(chat_lines(2))).json()["id"])
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == "model" and error["code"] == "model_not_found"
+
+
+def test_hyperparameter_problems_name_their_field_in_either_form(api):
+    training = upload(api, to_jsonl(chat_lines(4))).json()["id"]
+    plain = dry_run(api, model="tiny-llama", training_file=training,
+                    hyperparameters={"n_epochs": 99, "batch_size": 0}).json()["error"]
+    assert [p["param"] for p in plain["errors"]] == ["hyperparameters.n_epochs", "hyperparameters.batch_size"]
+    nested = dry_run(api, model="tiny-llama", training_file=training, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 500}}}).json()["error"]
+    assert nested["param"] == "method.supervised.hyperparameters.learning_rate_multiplier"

@@ -53,8 +53,8 @@ def test_invalid_spec_names_first_field_and_lists_all(api, training_file):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
-    assert error["param"] == "hyperparameters"
-    for field in ("hyperparameters", "peft.r", "peft.dropout", "peft.bogus"):
+    assert error["param"] == "hyperparameters.n_epochs"
+    for field in ("hyperparameters.n_epochs", "peft.r", "peft.dropout", "peft.bogus"):
         assert field in error["message"], error["message"]
 
 
