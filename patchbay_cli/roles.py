@@ -150,7 +150,8 @@ def serve(host: str = HostOption, port: int = PortOption,
           for r in replicas),
     ]
     api_url = f"http://{probe_host(host)}:{port}"
-    typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\nAPI key (team 'default'): {key}\n"
+    typer.echo(f"\nPatchbay is starting at http://{host}:{port}/v1\n"
+               f"Console: http://{host}:{port}/ (sign in with the key)\nAPI key (team 'default'): {key}\n"
                + "".join(f"inference replica of {r.base_model} on port {r.port}\n" for r in replicas))
 
     def _stop(*_):
@@ -170,7 +171,8 @@ def serve(host: str = HostOption, port: int = PortOption,
     watch = ReadinessWatch(api_url, replicas, typer.echo)
     while all(child.poll() is None for child in children):
         if not watch.ready and watch.check():
-            typer.echo(f"Patchbay is ready at http://{host}:{port}/v1 ({', '.join(bases)} loaded)")
+            typer.echo(f"Patchbay is ready at http://{host}:{port}/v1 ({', '.join(bases)} loaded); "
+                       f"console at http://{host}:{port}/")
         time.sleep(0.5)
     typer.echo("a child process exited; stopping the others", err=True)
     _stop()

@@ -64,7 +64,8 @@ VLLM_IMAGE_SERVICES = ("inference-vllm",)
 GPU_SERVICES = ("worker", "inference", "inference-vllm")
 DATA_SERVICES = ("api", "worker", "inference", "inference-vllm")
 # PATCHBAY_* variables that belong to the test harness, not to Settings.
-HARNESS_VARIABLES = {"PATCHBAY_REQUIRE_SERVICES", "PATCHBAY_REQUIRE_VLLM", "PATCHBAY_TEST_POSTGRES",
+HARNESS_VARIABLES = {"PATCHBAY_REQUIRE_SERVICES", "PATCHBAY_REQUIRE_VLLM", "PATCHBAY_REQUIRE_BROWSER",
+                     "PATCHBAY_CHROMIUM", "PATCHBAY_TEST_POSTGRES",
                      "PATCHBAY_TEST_REDIS"}
 CELERY_APP = "worker.celery_app"
 START_TIMEOUT = 60

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support.datasets import chat_lines, to_jsonl
+from tests.support.live_serve import run_cli, serve_env
 from tests.support.services import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -22,22 +23,14 @@ pytestmark = pytest.mark.slow
 BASES = "smollm2-135m-instruct,tiny-llama"
 
 
-def _env(data_dir) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
-    env.update(PATCHBAY_DATA_DIR=str(data_dir), PATCHBAY_SERVE_BASE_MODELS=BASES, HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
-    return env
-
-
 def _cli(data_dir, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "patchbay_cli", *args], env=_env(data_dir), cwd=REPO_ROOT, check=True,
-                   capture_output=True, timeout=120)
+    run_cli(data_dir, *args, bases=BASES)
 
 
 def _serve(data_dir, port: int, inference_port: int, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "patchbay_cli", "serve", "--port", str(port),
-                             "--inference-port", str(inference_port)], env=_env(data_dir), cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                             "--inference-port", str(inference_port)], env=serve_env(data_dir, BASES), cwd=REPO_ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _replica_ports(log_path) -> dict[str, int]:
@@ -90,6 +83,8 @@ def test_serve_runs_embedded_stops_cleanly_and_keeps_data(tmp_path, smollm2_dir,
             assert "Paris" in reply.json()["choices"][0]["message"]["content"]
             assert _chat(port, key, "tiny-llama").status_code == 200
             assert key in log_path.read_text() and f"http://127.0.0.1:{port}/v1" in log_path.read_text()
+            assert f"Console: http://127.0.0.1:{port}/" in log_path.read_text()
+            assert httpx.get(f"http://127.0.0.1:{port}/").headers["content-type"].startswith("text/html")
             replica_ports = _replica_ports(log_path)
             assert replica_ports["smollm2-135m-instruct"] == inference_port
             assert replica_ports["tiny-llama"] > inference_port
