@@ -17,7 +17,8 @@ export function chartLayout(narrow, empty, revision) {
     margin: {l: 10, r: 10, t: narrow ? 10 : 44, b: 10},
     showlegend: true,
     // Above the plot when there is room, below it on a phone.
-    legend: narrow ? {orientation: "h", x: 0, y: -0.12, yanchor: "top"} : {orientation: "h", x: 0, y: 1.02, yanchor: "bottom"},
+    legend: narrow ? {orientation: "h", x: 0, y: -0.12, yanchor: "top"}
+      : {orientation: "h", x: 0, y: 1, yref: "container", yanchor: "top"},
     xaxis: {...axis, title: {text: narrow ? "" : "Step"}},
     yaxis: {...axis, title: {text: "Loss"}},
     yaxis2: {...axis, title: {text: "Learning rate"}, overlaying: "y", side: "right", showgrid: false,
