@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from core.schemas.inference import AdapterRef
 from core.serving_kinds import VLLM_ENGINE_KINDS
 from core.settings import Settings
 from worker.inference.adapter_cache import fetch_adapter
-from worker.inference.metrics import ServingMetrics
 
 log = logging.getLogger("patchbay.vllm")
 ADMIN_TIMEOUT = httpx.Timeout(300, connect=5)
@@ -62,7 +60,6 @@ class VllmService:
         self._held: collections.Counter[str] = collections.Counter()
         self._loading: dict[str, threading.Lock] = {}
         self._loads: collections.Counter[str] = collections.Counter()
-        self.metrics = ServingMetrics(base_model_id)
 
     # -- the AdapterHost protocol ----------------------------------------------------------------
 
@@ -75,12 +72,8 @@ class VllmService:
                 if present:
                     self._registered.move_to_end(ref.id)
             if not present:
-                started = time.monotonic()
-                with self._lock:
-                    registered = set(self._registered)  # vLLM reloads these from their folders
-                folder = fetch_adapter(ref, self.cache_dir, self.settings.storage_cache_bytes, keep=registered)
+                folder = fetch_adapter(ref, self.cache_dir)
                 self._register(ref.id, folder)
-                self.metrics.adapter_loaded(time.monotonic() - started)
                 with self._lock:
                     self._registered[ref.id] = folder
                     self._loads[ref.id] += 1
@@ -218,7 +211,6 @@ class VllmService:
                 victims.append(adapter_id)
                 spare -= 1
         for adapter_id in victims:
-            self.metrics.adapter_evicted()
             log.info("adapter %s is the least recently used beyond %d; unregistering it", adapter_id,
                      self.max_adapters)
             self._unregister(adapter_id)
