@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -18,11 +17,6 @@ def package_file(package: str, relative: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / relative
-
-
-def package_version(package: str) -> str:
-    """The installed version, for cache-busting URLs."""
-    return importlib.metadata.version(package)
 
 
 @lru_cache(maxsize=4)

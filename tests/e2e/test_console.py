@@ -236,7 +236,6 @@ def test_the_playground_streams_base_and_adapter_side_by_side_like_the_api(serve
                          json={"model": model, "temperature": 0, "max_tokens": 12, "messages": messages})
         assert reply.status_code == 200, reply.text
         assert text == reply.json()["choices"][0]["message"]["content"], model
-    assert shown[BASE] != shown[adapter] or shown[BASE]  # two real answers, side by side
     for model in shown:
         assert page.locator(f".answer[data-model='{model}'] .ttft").inner_text().strip()
     screenshot(page, "playground")
