@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.ratelimit import RateLimits, too_many
+from api.metrics import count_limited
+from api.ratelimit import LIMIT_NAMES, RateLimits, too_many
 from core.auth import team_for_key
 from core.db import session_scope
 from core.errors import ApiError
@@ -62,6 +63,7 @@ async def get_current_key(request: Request, limits: RateLimitsDep, settings: Set
     address = request.client.host if request.client else "unknown"
     wait = await limits.exhausted("failed-auth", address, settings.failed_auth_per_minute)
     if wait is not None:
+        count_limited("", LIMIT_NAMES["failed-auth"])
         raise too_many(f"failed authentications from {address}", "requests", settings.failed_auth_per_minute, wait)
     await limits.count_only("failed-auth", address, settings.failed_auth_per_minute)
     if token is None:
@@ -82,7 +84,8 @@ CurrentTeam = Annotated[Team, Depends(get_current_team)]
 
 async def limit_key_requests(found: CurrentKey, limits: RateLimitsDep, settings: SettingsDep) -> None:
     """The per-key request limit of every route but inference (which has per-team limits of its own)."""
-    await limits.hit("key", found[1].id, settings.key_requests_per_minute, f"API key {found[1].prefix}…")
+    await limits.hit("key", found[1].id, settings.key_requests_per_minute, f"API key {found[1].prefix}…",
+                     team=found[0].name)
 
 
 KeyRateLimited = Depends(limit_key_requests)

@@ -18,6 +18,7 @@ from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterR
 from limits.errors import StorageError
 from redis.exceptions import RedisError
 
+from api.metrics import count_limited
 from core.errors import ApiError
 from core.notify import redis_url
 
@@ -51,6 +52,9 @@ def too_many(what: str, kind: str, limit: int, reset_in: float, headers: dict[st
 
 
 STORE_ERRORS = (StorageError, RedisError, OSError)
+LIMIT_NAMES = {"key": "key_requests_per_minute", "team-requests": "requests_per_minute",
+               "failed-auth": "failed_auth_per_minute"}
+"""The setting each counter scope enforces, as 429s are counted in the metrics."""
 
 
 class RateLimits:
@@ -75,10 +79,12 @@ class RateLimits:
                 log.warning("rate-limit counters unavailable, limits are off until they return: %s", exc)
             return None
 
-    async def hit(self, scope: str, identity: str, per_minute: int, what: str) -> None:
-        """Count one request against `scope`/`identity`; 429 once `per_minute` is spent (0: no limit)."""
+    async def hit(self, scope: str, identity: str, per_minute: int, what: str, *, team: str = "") -> None:
+        """Count one request against `scope`/`identity`; 429 once `per_minute` is spent (0: no limit).
+        `team` (its name) labels the 429 in the metrics."""
         reset_in = await self._fail_open(lambda: self._spend(self.requests, per_minute, 1, scope, identity))
         if reset_in is not None:
+            count_limited(team, LIMIT_NAMES.get(scope, scope))
             raise too_many(what, "requests", per_minute, reset_in)
 
     async def exhausted(self, scope: str, identity: str, per_minute: int) -> float | None:
@@ -89,10 +95,12 @@ class RateLimits:
         """Count an event without refusing anything (failed authentications)."""
         await self._fail_open(lambda: self._spend(self.requests, per_minute, 1, scope, identity))
 
-    async def check_tokens(self, team_id: str, per_minute: int, what: str) -> None:
-        """429 when the team's generated tokens of the last minute already reach `per_minute` (0: no limit)."""
+    async def check_tokens(self, team_id: str, per_minute: int, what: str, *, team: str = "") -> None:
+        """429 when the team's generated tokens of the last minute already reach `per_minute` (0: no limit);
+        `team` (its name) labels the 429 in the metrics."""
         reset_in = await self._fail_open(lambda: self._spent(self.tokens, per_minute, "tokens", team_id))
         if reset_in is not None:
+            count_limited(team, "tokens_per_minute")
             raise too_many(what, "tokens", per_minute, reset_in)
 
     async def add_tokens(self, team_id: str, per_minute: int, tokens: int) -> None:

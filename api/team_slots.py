@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from api.metrics import count_limited
 from core.errors import ApiError
 
 
@@ -26,6 +27,7 @@ class TeamSlots:
         """429 when the team holds all its slots."""
         current = self._held[team_id]
         if limit and current >= limit:
+            count_limited(team_name, self.setting)
             raise ApiError(429, f"Team '{team_name}' already has {current} {self.what} in progress (limit {limit}, "
                                 f"PATCHBAY_{self.setting.upper()}); retry when one finishes.",
                            code=f"{self.setting}_exceeded", headers={"Retry-After": "5"},

@@ -21,6 +21,7 @@ from core.errors import ApiError, invalid
 from core.models import Team
 from core.quotas import storage_full, storage_room
 from core.settings import Settings
+from core.stores import StoreUnavailable
 
 MAX_FIELD_BYTES = 4096
 MAX_FILENAME_CHARS = 255
@@ -62,7 +63,11 @@ class _HashedFile:
         self.hash.update(data)
         self._out.write(data)
 
-    def close(self, create_if_empty: bool) -> None:
+    def close(self, create_if_empty: bool, complete: bool = True) -> None:
+        """Commit the destination, or, when the body failed, drop it where the destination can (`abort`)."""
+        if not complete and hasattr(self._out, "abort"):
+            self._out.abort()  # type: ignore[union-attr]
+            return
         if self._out is None and create_if_empty:
             self._out = self._open()
         if self._out is not None:
@@ -158,6 +163,7 @@ async def receive_upload(request: Request, open_destination: Callable[[], Binary
     callbacks = {name: getattr(sink, name) for name in dir(sink) if name.startswith("on_")}
     parser = MultipartParser(boundary, callbacks)
     destination = _HashedFile(open_destination)
+    complete = False
     try:
         async for chunk in request.stream():
             parser.write(chunk)
@@ -165,12 +171,15 @@ async def receive_upload(request: Request, open_destination: Callable[[], Binary
                 await _flush(sink, destination)
         parser.finalize()
         await _flush(sink, destination)
+        complete = True
     except ApiError:
+        raise
+    except StoreUnavailable:
         raise
     except Exception as exc:  # a malformed body from the client
         raise invalid(f"The multipart body could not be parsed: {exc.__class__.__name__}.", "file") from None
     finally:
-        await run_in_threadpool(destination.close, sink.result.filename is not None)
+        await run_in_threadpool(destination.close, sink.result.filename is not None, complete)
     sink.result.sha256 = destination.hash.hexdigest()
     return sink.result
 

@@ -10,7 +10,10 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+if TYPE_CHECKING:
+    from core.storage import Storage
 
 DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -238,14 +241,25 @@ def skip_rest_of_line(fh: BinaryIO) -> None:
 
 def validate_file(path: str | Path, max_line_bytes: int) -> ValidationReport:
     """Validate a JSONL file in one linear pass, refusing lines longer than `max_line_bytes`."""
-    builder = ReportBuilder()
     with open(path, "rb") as fh:
-        while line := fh.readline(max_line_bytes + 1):
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                skip_rest_of_line(fh)
-                builder.refuse_line(f"longer than the limit of {max_line_bytes} bytes")
-                continue
-            builder.feed(line.rstrip(b"\r\n"))
+        return validate_stream(fh, max_line_bytes)
+
+
+def validate_stored(storage: Storage, key: str, max_line_bytes: int) -> ValidationReport:
+    """Validate a stored JSONL object while streaming it (no local copy, whatever the backend)."""
+    with storage.open_read(key) as fh:
+        return validate_stream(fh, max_line_bytes)
+
+
+def validate_stream(fh: BinaryIO, max_line_bytes: int) -> ValidationReport:
+    """Validate JSONL from a buffered binary stream in one linear pass, refusing lines over `max_line_bytes`."""
+    builder = ReportBuilder()
+    while line := fh.readline(max_line_bytes + 1):
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            skip_rest_of_line(fh)
+            builder.refuse_line(f"longer than the limit of {max_line_bytes} bytes")
+            continue
+        builder.feed(line.rstrip(b"\r\n"))
     return builder.report
 
 

@@ -21,6 +21,14 @@ class Settings(BaseSettings):
         None, description="Celery broker; default kombu's SQLAlchemy transport on SQLite under data_dir"
     )
     storage_dir: Path | None = Field(None, description="local object storage; default data_dir/storage")
+    storage_url: str | None = Field(
+        None, description="object storage: file:///path, or s3://bucket/prefix (credentials from AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_REGION); default the local storage_dir"
+    )
+    s3_endpoint_url: str | None = Field(None, description="endpoint of an S3-compatible server (SeaweedFS, MinIO)")
+    storage_cache_bytes: int = Field(
+        10 * 1024**3, description="local cache of objects fetched from S3 (data_dir/cache; LRU beyond)"
+    )
 
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="largest accepted upload (413 above)")
     max_json_bytes: int = Field(1024 * 1024, description="largest JSON request body (413 above)")
@@ -108,13 +116,26 @@ class Settings(BaseSettings):
     pinned_adapters: str = Field("", description="comma-separated adapter refs loaded at start and never evicted")
     merged_adapter: str | None = Field(None, description="serve this one adapter merged into the base")
     registry_poll_seconds: float = Field(2.0, description="registry change-feed polling when the broker is not Redis")
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics on the API and inference "
+                                  "servers (no key needed)")
+    worker_metrics_port: int = Field(
+        9101, description="port of a training worker's Prometheus metrics (/metrics on every path; 0: off)"
+    )
 
     @field_validator("vllm_python", "inference_advertise_url", "database_url", "broker_url", "storage_dir",
-                     "merged_adapter", mode="before")
+                     "storage_url", "s3_endpoint_url", "merged_adapter", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         """An empty variable (as `.env.example` leaves some) means the default, not the path '.'."""
         return None if value == "" else value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_scheme(cls, value: str | None) -> str | None:
+        """Refuse at start what no storage backend serves."""
+        if value is not None and not (value.startswith("file:///") or (value.startswith("s3://") and len(value) > 5)):
+            raise ValueError(f"must be file:///path or s3://bucket/prefix, not {value!r}")
+        return value
 
     @computed_field  # type: ignore[prop-decorator]
     @property

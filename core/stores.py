@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy.exc as sa_exc
+from botocore.exceptions import BotoCoreError, ClientError
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -21,6 +22,8 @@ OUTAGES: dict[type[BaseException], str] = {
     RedisTimeoutError: "Redis is unavailable",
     BrokerError: "The broker is unavailable",
     OSError: "Storage is unavailable",
+    BotoCoreError: "Object storage is unavailable",
+    ClientError: "Object storage is unavailable",
 }
 """Exception types that mean a store is down or saturated, and how clients hear it."""
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from core.db import session_scope
 from core.models import Adapter, Checkpoint, File
 from core.settings import Settings
-from core.storage import LocalStorage, newest_mtime
+from core.storage import Storage, newest_mtime
 
 log = logging.getLogger("patchbay.sweep")
 TEMP_PREFIX = "tmp"
@@ -39,9 +39,8 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _pid_runs(pid: int, started: str) -> bool:
-    if Path("/proc").is_dir():
-        return _process_start(pid) == started
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,6 +48,12 @@ def _pid_runs(pid: int, started: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _pid_runs(pid: int, started: str) -> bool:
+    if Path("/proc").is_dir():
+        return _process_start(pid) == started
+    return pid_alive(pid)
 
 
 @lru_cache
@@ -63,7 +68,7 @@ def temp_key(name: str) -> str:
     return f"{TEMP_PREFIX}/{instance_name()}/{name}"
 
 
-def commit_into_place(session: Session, storage: LocalStorage, temp: str, key: str) -> None:
+def commit_into_place(session: Session, storage: Storage, temp: str, key: str) -> None:
     """Rename the temporary `temp` to its final `key`, then commit the row that names it.
 
     If the commit fails the object is removed again; a crash between the two leaves an object no row
@@ -95,7 +100,7 @@ def _abandoned(name: str, mtime: float, max_age: float) -> bool:
     return time.time() - mtime > max_age
 
 
-def sweep_temporaries(storage: LocalStorage, settings: Settings) -> int:
+def sweep_temporaries(storage: Storage, settings: Settings) -> int:
     """Remove the temporaries of dead processes, in storage and in the local scratch area. Returns how many."""
     removed = 0
     for key, mtime in storage.children(TEMP_PREFIX):
@@ -114,7 +119,7 @@ def sweep_temporaries(storage: LocalStorage, settings: Settings) -> int:
     return removed
 
 
-def sweep_unreferenced(storage: LocalStorage, settings: Settings) -> int:
+def sweep_unreferenced(storage: Storage, settings: Settings) -> int:
     """Remove stored files, adapters and checkpoints that no row refers to and nobody touched for a while."""
     cutoff = time.time() - settings.orphan_age_seconds
     with session_scope() as session:
@@ -132,7 +137,7 @@ def sweep_unreferenced(storage: LocalStorage, settings: Settings) -> int:
     return removed
 
 
-def sweep(storage: LocalStorage, settings: Settings) -> int:
+def sweep(storage: Storage, settings: Settings) -> int:
     """Both sweeps; logs what was removed."""
     removed = sweep_temporaries(storage, settings) + sweep_unreferenced(storage, settings)
     if removed:

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.support.services", "tests.support.api_app"]
+pytest_plugins = ["tests.support.services", "tests.support.api_app", "tests.support.s3"]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from core.ids import new_id, now
 from core.leases import holds_lease, renew_lease
 from core.models import Checkpoint, Job
 from core.settings import Settings
-from core.storage import LocalStorage
+from core.storage import Storage
+from worker.metrics import training_metrics
 
 log = logging.getLogger("patchbay.worker")
 STATUS_CHECK_SECONDS = 1.0
@@ -59,7 +60,7 @@ class LeaseHeartbeat:
 class DbJobContext:
     """Implements the recipe's JobContext (worker.training.interface) over the database and storage."""
 
-    def __init__(self, job_id: str, heartbeat: LeaseHeartbeat, storage: LocalStorage, work_dir: Path) -> None:
+    def __init__(self, job_id: str, heartbeat: LeaseHeartbeat, storage: Storage, work_dir: Path) -> None:
         self.job_id, self.heartbeat, self.storage, self.work_dir = job_id, heartbeat, storage, work_dir
         self._last_status_check = 0.0
 
@@ -73,6 +74,7 @@ class DbJobContext:
         step, total = data.get("step"), data.get("total_steps")
         loss = data.get("train_loss")
         message = f"Step {step}/{total}: training loss={loss:.4f}" if loss is not None else f"Step {step}/{total}"
+        training_metrics().job_progress(self.job_id, data)
         with session_scope() as session:
             add_event(session, self.job_id, message, type="metrics", data=data)
             eta = data.get("eta_seconds")
@@ -99,6 +101,7 @@ class DbJobContext:
             if row is None:
                 return None
             step, key = row.step, row.storage_key
+        training_metrics().job_resumed(self.job_id)
         return step, self.storage.get_dir(key, self.work_dir / f"resume-{step}")
 
     def save_checkpoint(self, step: int, folder: Path, metrics: dict) -> None:

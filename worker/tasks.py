@@ -20,6 +20,7 @@ from core.settings import get_settings
 from core.storage import get_storage
 from worker.celery_app import app
 from worker.job_context import DbJobContext, LeaseHeartbeat
+from worker.metrics import training_metrics
 
 log = logging.getLogger("patchbay.worker")
 
@@ -45,10 +46,14 @@ def run_job(job_id: str) -> str:
         job = session.get(Job, job_id)
         add_event(session, job_id, f"Training started on worker {owner} (attempt {job.attempts}).")
     work_dir = Path(tempfile.mkdtemp(prefix=f"patchbay-{job_id}-"))
+    metrics, outcome = training_metrics(), "failed"
+    metrics.job_started(job_id)
     try:
         with LeaseHeartbeat(job_id, owner, settings) as heartbeat:
-            return _train_and_publish(job_id, owner, heartbeat, work_dir)
+            outcome = _train_and_publish(job_id, owner, heartbeat, work_dir)
+            return outcome
     finally:
+        metrics.job_ended(job_id, outcome)
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -74,8 +79,9 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
         training_job = TrainingJob(
             job_id=job_id,
             base_model_path=base.path,
-            training_examples=read_examples(str(storage.path(training_file.storage_key))),
-            validation_examples=(read_examples(str(storage.path(validation_file.storage_key)))
+            training_examples=read_examples(str(storage.local_copy(training_file.storage_key, training_file.sha256))),
+            validation_examples=(read_examples(str(storage.local_copy(validation_file.storage_key,
+                                                                      validation_file.sha256)))
                                  if validation_file else None),
             config=config,
             work_dir=work_dir,

@@ -73,7 +73,8 @@ def download_adapter(ref: str, session: SessionDep, team: CurrentTeam, settings:
     session.close()  # no connection held while the archive is written
     scratch = Path(tempfile.mkdtemp(prefix="download-", dir=scratch_dir(settings)))
     arcname = f"{row.name}-v{row.version}"
-    archive = write_tar_gz(get_storage().path(row.storage_key), scratch / f"{arcname}.tar.gz", arcname)
+    archive = write_tar_gz(get_storage().local_dir(row.storage_key, scratch), scratch / f"{arcname}.tar.gz",
+                           arcname)
     return FileResponse(archive, media_type="application/gzip", filename=archive.name,
                         background=BackgroundTask(shutil.rmtree, scratch, True))
 

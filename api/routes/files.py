@@ -15,8 +15,8 @@ from api.pagination import After, Limit, page_newest_first
 from api.routing import team_router
 from api.team_slots import UPLOADS
 from api.uploads import UploadResult, multipart_openapi, receive_upload, upload_allowance
-from core.dataset_preview import preview_file
-from core.datasets import validate_file
+from core.dataset_preview import preview_stored
+from core.datasets import validate_stored
 from core.db import session_scope
 from core.errors import ApiError, invalid, not_found
 from core.ids import new_id
@@ -75,7 +75,7 @@ async def upload_file(request: Request, team: CurrentTeam, settings: SettingsDep
             result = await receive_upload(request, lambda: storage.open_write(temp), file_limit=limit,
                                           over_limit=over_limit)
             purpose = _checked_fields(result)
-            report = await run_check(validate_file, storage.path(temp), settings.max_line_bytes)
+            report = await run_check(validate_stored, storage, temp, settings.max_line_bytes)
             row = File(id=file_id, team_id=team.id, filename=result.filename, purpose=purpose, bytes=result.bytes,
                        sha256=result.sha256, status="processed" if report.ok else "error",
                        status_details=report.details(), format=report.format, n_examples=report.n_examples,
@@ -125,7 +125,7 @@ async def preview(file_id: str, team: CurrentTeam, settings: SettingsDep,
     """The file's first `limit` lines and, when it is invalid, up to 20 of its invalid lines with the reasons."""
     row = await run_in_threadpool(_team_file_row, team, file_id)
     wanted_invalid = MAX_INVALID_SHOWN if row.status == "error" else 0
-    found = await run_in_threadpool(preview_file, get_storage().path(row.storage_key), settings.max_line_bytes,
+    found = await run_in_threadpool(preview_stored, get_storage(), row.storage_key, settings.max_line_bytes,
                                     limit, wanted_invalid)
     counted = re.match(r"(\d+) invalid line", row.status_details or "")
     return FilePreviewPublic(

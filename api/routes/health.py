@@ -12,6 +12,8 @@ from core.db import get_engine, session_scope
 from core.models import BaseModelRecord
 from core.queue import get_celery
 from core.schemas.replicas import ReplicaPublic
+from core.storage import get_storage
+from core.stores import StoreUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -36,6 +38,11 @@ def _store_checks() -> dict[str, str]:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"error: {exc.__class__.__name__}"
+    try:
+        get_storage().check()
+        checks["storage"] = "ok"
+    except Exception as exc:  # StorageUnavailable names the reason; anything else by its type
+        checks["storage"] = f"error: {exc}" if isinstance(exc, StoreUnavailable) else f"error: {exc.__class__.__name__}"
     return checks
 
 
@@ -50,11 +57,12 @@ def serving_state(base_model: str, replicas: list[ReplicaPublic]) -> str:
     return "ok" if "ready" in states else "loading" if states else "no replica"
 
 
-@router.get("/readyz", responses={503: {"description": "The database or the broker is unreachable; see Retry-After."}})
+@router.get("/readyz", responses={503: {"description": "The database, the broker or storage is unreachable; see "
+                                                     "Retry-After."}})
 async def readyz() -> JSONResponse:
-    """The database and the broker are reachable; also how each registered base model is served.
+    """The database, the broker and storage are reachable; also how each registered base model is served.
 
-    The status code depends on the database and the broker only: a base model without a ready replica
+    The status code depends on the database, the broker and storage only: a base model without a ready replica
     shows in `base_models` (`ok`, `loading` or `no replica`) but leaves the API ready, since every other
     route still works and replicas come and go on their own.
     """

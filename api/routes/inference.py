@@ -45,8 +45,8 @@ async def _within_limits(team: Team, limits: RateLimitsDep, settings: SettingsDe
     return the hook that counts what it generates (None when tokens are unlimited)."""
     team_limits = limits_for(team, settings)
     who = f"team '{team.name}'"
-    await limits.hit("team-requests", team.id, team_limits.requests_per_minute, who)
-    await limits.check_tokens(team.id, team_limits.tokens_per_minute, who)
+    await limits.hit("team-requests", team.id, team_limits.requests_per_minute, who, team=team.name)
+    await limits.check_tokens(team.id, team_limits.tokens_per_minute, who, team=team.name)
     if not team_limits.tokens_per_minute:
         return None
     return lambda tokens: limits.add_tokens(team.id, team_limits.tokens_per_minute, tokens)

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
+from api.metrics import counting_limits
 from api.pagination import After, Limit, page_newest_first
 from api.routing import team_router
 from api.team_slots import EVENT_STREAMS
@@ -110,7 +111,8 @@ def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings
     `"auto"` and method default filled in), or the same 400 a real create would give.
     """
     if not dry_run:
-        check_queued_jobs(session, team, settings)
+        with counting_limits(team.name, "max_queued_jobs"):
+            check_queued_jobs(session, team, settings)
     _, training = _checked_inputs(session, team, body)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     resolved = resolve_training(body.chosen_hyperparameters(), body.peft, training.n_examples, seed)
@@ -200,7 +202,8 @@ def resume_job(job_id: str, session: SessionDep, team: CurrentTeam, settings: Se
     job = get_team_job(session, team, job_id)
     if job.status != PAUSED:
         raise _not_paused(job)
-    check_queued_jobs(session, team, settings)
+    with counting_limits(team.name, "max_queued_jobs"):
+        check_queued_jobs(session, team, settings)
     # Waiting again (not dispatched): the dispatcher sends it when a worker slot is free.
     if not job_lifecycle.resume(session, job.id, deadline_seconds=settings.job_deadline_seconds):
         session.refresh(job)  # cancelled meanwhile

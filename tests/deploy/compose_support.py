@@ -7,7 +7,7 @@ there), `${VAR:-default}` interpolation is done here, and a service "container" 
   is put first on PYTHONPATH and used as the working directory (WORKDIR), so a module the image
   does not copy cannot be imported;
 - its environment: the image's ENV, then `env_file`, then `environment`, as Docker merges them;
-- translated addresses only: the `postgres` and `redis` hostnames become local servers, other
+- translated addresses only: the `postgres`, `redis` and `seaweedfs` hostnames become local servers, other
   service hostnames and container ports become free local ports, and container paths (named
   volumes and the image's own filesystem) become temporary folders.
 """
@@ -493,6 +493,8 @@ class LocalCompose:
     root: Path
     database_url: str  # a fresh local database, any scheme: the compose URL's scheme is kept
     redis_url: str  # a spare local Redis database, e.g. redis://127.0.0.1:6379/7
+    s3_endpoint: str | None = None  # a local S3-compatible server standing in for the `seaweedfs` service
+    s3_credentials: tuple[str, str] | None = None  # its access key and secret
     ports: dict[tuple[str, int], int] = field(default_factory=dict)
     processes: list[subprocess.Popen] = field(default_factory=list)
     _trees: dict[Path, tuple[Path, str]] = field(default_factory=dict)
@@ -556,6 +558,8 @@ class LocalCompose:
         if host == "redis":
             local = urlsplit(self.redis_url)
             return urlunsplit((parts.scheme, local.netloc, local.path, parts.query, parts.fragment))
+        if host == "seaweedfs" and self.s3_endpoint:
+            return self.s3_endpoint.rstrip("/") + parts.path
         port = self.port(host, parts.port or 80)
         return urlunsplit((parts.scheme, f"127.0.0.1:{port}", parts.path, parts.query, parts.fragment))
 
@@ -590,6 +594,8 @@ class LocalCompose:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PATCHBAY_", "POSTGRES_", "FLOWER_", "CELERY_"))}
         env.update({key: self.local_value(service, value) for key, value in self.container_env(service).items()})
+        if self.s3_credentials and "AWS_ACCESS_KEY_ID" in env:  # the local server's, as postgres's are translated
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = self.s3_credentials
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         env["PYTHONUNBUFFERED"] = "1"
         if build_of(self.services[service]):

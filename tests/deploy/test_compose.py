@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import typer.main
+import yaml
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
@@ -327,6 +328,131 @@ def test_flower_image_installs_flower(services):
 
 
 # =============================================================================================
+# 1b. The monitoring profile: Prometheus scrapes every service, Grafana shows what we export
+# =============================================================================================
+
+MONITORING = ("prometheus", "grafana")
+PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
+METRICS_ROLES = {"api": "api", "inference": "inference", "worker": "worker"}
+"""`patchbay <role>` commands that serve /metrics."""
+
+
+def bind_source(spec: dict, target: str) -> Path:
+    """The repository file or folder a service bind-mounts at `target`."""
+    sources = [source for source, mounted in volume_mounts(spec) if mounted == target and not is_named_volume(source)]
+    assert sources, f"nothing is bind-mounted at {target}: {volume_mounts(spec)}"
+    return (REPO_ROOT / sources[0]).resolve()
+
+
+def metrics_port(services: dict, name: str) -> int:
+    """The port a Patchbay service serves /metrics on: its --port, or the worker's metrics port."""
+    argv = service_argv(services, name)
+    if argv[:2] == ["patchbay", "worker"]:
+        value = container_env(services, name).get("PATCHBAY_WORKER_METRICS_PORT")
+        return int(value) if value else Settings.model_fields["worker_metrics_port"].default
+    ports = command_ports(argv)
+    assert ports, f"{name} binds no --port"
+    return ports[0]
+
+
+def scrape_targets() -> dict[str, set[tuple[str, int]]]:
+    """(host, port) of every target of each Prometheus scrape job, static or by compose DNS."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {}
+    for job in config["scrape_configs"]:
+        targets = set()
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, _, port = target.rpartition(":")
+                targets.add((host, int(port)))
+        for dns in job.get("dns_sd_configs", []):
+            assert dns.get("type", "SRV") == "A", f"{job['job_name']}: compose DNS answers A records, not SRV"
+            targets |= {(name, int(dns["port"])) for name in dns["names"]}
+        jobs[job["job_name"]] = targets
+    return jobs
+
+
+def test_the_monitoring_profile_runs_prometheus_and_grafana_on_pinned_images(services):
+    for name in MONITORING:
+        spec = services[name]
+        assert spec.get("profiles") == ["monitoring"], f"{name} must sit behind the monitoring profile only"
+        image = spec.get("image", "")
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}'s image is not pinned to a release: {image}"
+    argv = as_argv(services["prometheus"].get("command"))
+    config = next(arg.split("=", 1)[1] for arg in argv if arg.startswith("--config.file="))
+    assert bind_source(services["prometheus"], config) == PROMETHEUS_CONFIG
+    assert bind_source(services["grafana"], "/etc/grafana/provisioning") == GRAFANA_DIR / "provisioning"
+    provider = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "patchbay.yml").read_text())
+    dashboards = provider["providers"][0]["options"]["path"]
+    assert bind_source(services["grafana"], dashboards) == GRAFANA_DIR / "dashboards"
+    assert not any(name in MONITORING for name in (services["api"].get("depends_on") or {})), \
+        "the core services must not need the monitoring profile"
+
+
+def test_prometheus_scrapes_every_patchbay_service_on_its_metrics_port(services):
+    jobs = scrape_targets()
+    scraped = {target for targets in jobs.values() for target in targets}
+    for host, port in scraped:
+        assert host in services, f"Prometheus scrapes {host}, which is no compose service"
+        assert port == metrics_port(services, host), f"Prometheus scrapes {host}:{port}, but it serves metrics on " \
+                                                     f"{metrics_port(services, host)}"
+    runs_patchbay = [name for name in services if build_of(services[name])
+                     and service_argv(services, name)[:1] == ["patchbay"]
+                     and service_argv(services, name)[1:2] and service_argv(services, name)[1] in METRICS_ROLES]
+    assert runs_patchbay, "no service runs the api, a worker or an inference replica"
+    for name in runs_patchbay:
+        assert (name, metrics_port(services, name)) in scraped, f"Prometheus does not scrape {name}"
+    worker_port = metrics_port(services, "worker")
+    assert str(worker_port) in [str(p) for p in services["worker"].get("expose", [])], \
+        f"the worker does not expose its metrics port {worker_port}"
+
+
+def test_grafana_reads_the_monitoring_prometheus(services):
+    datasources = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    source = datasources["datasources"][0]
+    url = urlsplit(source["url"])
+    assert source["type"] == "prometheus" and url.hostname == "prometheus" and url.port == 9090, source
+    dashboard = json.loads((GRAFANA_DIR / "dashboards" / "patchbay.json").read_text())
+    used = {panel["datasource"]["uid"] for panel in dashboard["panels"] if "datasource" in panel}
+    assert used == {source["uid"]}, f"dashboard panels use data sources {used}, not {source['uid']}"
+
+
+def exported_metric_names(tmp_path: Path) -> set[str]:
+    """Every series name the API, an inference replica and a worker can expose (families' names with their
+    type's suffixes), read from our collectors."""
+    from api.metrics import REGISTRY
+    from core.schemas.replicas import ReplicaStatus
+    from worker.inference.metrics import metrics_registry
+    from worker.metrics import SpoolCollector
+
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
+                "summary": ["_sum", "_count", "_created"], "gauge": [""]}
+    status = ReplicaStatus(url="", base_model="b", engine="patchbay", state="ready", kinds=[],
+                           max_resident_adapters=1, max_batch=1)
+    families = [family for collector in list(REGISTRY._collector_to_names)
+                for family in (collector.describe() if hasattr(collector, "describe") else collector.collect())]
+    families += list(metrics_registry(lambda: status).collect()) + list(SpoolCollector(tmp_path).collect())
+    return {family.name + suffix for family in families for suffix in suffixes.get(family.type, [""])}
+
+
+def test_the_dashboard_covers_every_source_and_queries_only_metrics_we_export(tmp_path):
+    dashboard = json.loads((GRAFANA_DIR / "dashboards" / "patchbay.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    queried = {name for expr in exprs for name in re.findall(r"\bpatchbay_[a-z0-9_]+", expr)}
+    exported = exported_metric_names(tmp_path)
+    assert not queried - exported, f"the dashboard queries series nobody exports: {sorted(queried - exported)}"
+    for prefix in ("patchbay_api_", "patchbay_jobs", "patchbay_training_", "patchbay_inference_"):
+        assert any(name.startswith(prefix) for name in queried), f"the dashboard shows no {prefix}* series"
+    families = {name for name in exported if not name.endswith(("_bucket", "_sum", "_count", "_created"))}
+    shown = {name.removesuffix("_total") for name in queried} | {
+        re.sub(r"_(bucket|sum|count)$", "", name) for name in queried}
+    missing = sorted(name for name in families if name.removesuffix("_total") not in shown
+                     and not name.startswith("patchbay_api_process_"))
+    assert not missing, f"the dashboard leaves out these metrics: {missing}"
+
+
+# =============================================================================================
 # 2. PATCHBAY_* variables and Settings
 # =============================================================================================
 
@@ -592,10 +718,16 @@ def compose_database():
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory, compose, compose_database, redis_url):
+def local(tmp_path_factory, compose, compose_database, redis_url, s3_server):
+    from tests.support.s3 import ACCESS_KEY, SECRET_KEY
+
     stack = LocalCompose(compose=compose, root=tmp_path_factory.mktemp("compose"),
-                         database_url=compose_database, redis_url=redis_url)
+                         database_url=compose_database, redis_url=redis_url,
+                         s3_endpoint=s3_server.endpoint, s3_credentials=(ACCESS_KEY, SECRET_KEY))
     try:
+        if "storage-init" in stack.services:  # the one-shot that creates the bucket, as compose runs it first
+            done = stack.run("storage-init", timeout=START_TIMEOUT)
+            assert done.returncode == 0, f"storage-init failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         yield stack
     finally:
         stack.stop_all()
@@ -656,7 +788,7 @@ def test_api_service_is_healthy_and_ready(local, migrated):
         last = _get(f"{base}/readyz")
         log = "\n".join(line for line in local.log("api").splitlines() if '"GET /' not in line)
         assert ready, f"GET /readyz never answered 200; last answer: {last and last.text}\n{log}"
-        assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+        assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
     finally:
         local.stop(proc)
 

@@ -45,7 +45,25 @@ def _wait_for_checkpoint(client, job_id: str, timeout: float = 240) -> int:
     raise AssertionError("no checkpoint was written")
 
 
+@pytest.fixture
+def s3_stack(tmp_path, postgres_url, redis_url, tiny_model_dir, s3_env):
+    """The stack with its storage in a real S3-compatible bucket (SeaweedFS)."""
+    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir, **s3_env)
+    stack.start_api()
+    yield stack
+    stack.stop()
+
+
 def test_worker_killed_mid_training_resumes_from_checkpoint(stack, tmp_path):
+    _killed_worker_resumes(stack, tmp_path)
+
+
+def test_worker_killed_mid_training_resumes_from_a_checkpoint_on_s3(s3_stack, tmp_path):
+    _killed_worker_resumes(s3_stack, tmp_path)
+    assert not [p for p in (s3_stack.data_dir / "storage").rglob("*") if p.is_file()]
+
+
+def _killed_worker_resumes(stack, tmp_path) -> None:
     job_id = _create(stack, tmp_path, {**LONG_JOB, "max_steps": 300})
     worker = stack.start_worker()
     with stack.client() as client:

@@ -307,3 +307,27 @@ def test_sampling_fields_pass_through_and_vllm_errors_are_openai_errors(fleet):
     assert error["type"] == "invalid_request_error" and error["param"] == "max_tokens" and error["message"]
     unknown = fleet.direct(fleet.vllm_port, "/v1/completions", {"model": "someone-else", "prompt": "Hi"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_vllm_replica_serves_prometheus_metrics_that_follow_its_requests_and_adapters(fleet):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"http://127.0.0.1:{fleet.vllm_port}/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    alpha = (("adapter", fleet.ids["alpha"]), ("base", BASE))
+    before = scrape()
+    answer = fleet.direct(fleet.vllm_port, "/v1/completions", {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 4},
+                          "alpha")  # straight to vLLM's replica: the API may pick ours once it runs
+    assert answer.status_code == 200, answer.text
+    after = scrape()
+    assert after[("patchbay_inference_requests_total", alpha)] == before.get(
+        ("patchbay_inference_requests_total", alpha), 0) + 1
+    status, on = fleet.status(), (("base", BASE), ("engine", "vllm"))
+    assert after[("patchbay_inference_ready", on)] == 1
+    assert after[("patchbay_inference_resident_adapters", on)] == len(status["resident_adapters"])
+    assert after[("patchbay_inference_adapter_loads_total", (("base", BASE),))] == status["stats"]["adapter_loads"]
+    assert after.get(("patchbay_inference_adapter_load_seconds_count", (("base", BASE),))) == \
+        status["stats"]["adapter_loads"]

@@ -15,8 +15,9 @@ def clear_caches() -> None:
     from core.db import get_engine, get_sessionmaker
     from core.queue import get_celery
     from core.settings import get_settings
+    from core.storage import _s3
 
-    for cached in (get_settings, get_engine, get_sessionmaker, get_celery):
+    for cached in (get_settings, get_engine, get_sessionmaker, get_celery, _s3):
         cached.cache_clear()
 
 

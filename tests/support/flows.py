@@ -58,7 +58,20 @@ def published_adapter_dir(stack: PatchbayStack, events: list[dict]) -> Path:
     """The stored PEFT folder of the adapter a job published."""
     published = [e for e in events if e["message"].startswith("New fine-tuned model created")]
     assert len(published) == 1, events
-    return stack.data_dir / "storage" / "adapters" / published[0]["data"]["adapter_id"]
+    adapter_id = published[0]["data"]["adapter_id"]
+    if stack.env.get("PATCHBAY_STORAGE_URL", "").startswith("s3://"):  # fetched from the bucket
+        return stack_s3_storage(stack).get_dir(f"adapters/{adapter_id}", stack.data_dir / "fetched" / adapter_id)
+    return stack.data_dir / "storage" / "adapters" / adapter_id
+
+
+def stack_s3_storage(stack: PatchbayStack):
+    """The S3 storage a stack runs on (PATCHBAY_STORAGE_URL=s3://...), as the test process reaches it."""
+    from core.storage.cache import DownloadCache
+    from core.storage.s3 import S3Storage
+
+    bucket, _, prefix = stack.env["PATCHBAY_STORAGE_URL"].removeprefix("s3://").partition("/")
+    return S3Storage(bucket, prefix, stack.env.get("PATCHBAY_S3_ENDPOINT_URL"),
+                     DownloadCache(stack.data_dir / "test-cache", 2**30))
 
 
 def assert_adapter_changes_logits(adapter_dir: Path, model_dir: Path) -> None:

@@ -2,7 +2,8 @@
 
 Both engines' replicas use it (ours loads the folder into its slots, vLLM's hands the folder's path to
 `/v1/load_lora_adapter`); two replicas may share one cache folder, so a copy is staged under a name of
-its own and renamed into place, and a copy another process renamed first is taken as it is.
+its own and renamed into place, and a copy another process renamed first is taken as it is. The cache
+is bounded (PATCHBAY_STORAGE_CACHE_BYTES): least recently used folders go first, never one in use.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -33,11 +35,45 @@ def answer_fetch_errors(app: FastAPI) -> None:
     app.add_exception_handler(AdapterFetchError, fetch_failed)
 
 
-def fetch_adapter(ref: AdapterRef, cache_dir: Path) -> Path:
-    """The adapter's folder under `cache_dir`, copied from storage unless a verified copy is there already."""
+def fetch_adapter(ref: AdapterRef, cache_dir: Path, max_bytes: int | None = None,
+                  keep: Collection[str] = ()) -> Path:
+    """The adapter's folder under `cache_dir`, copied from storage unless a verified copy is there already.
+
+    With `max_bytes`, the least recently used other folders (not those named in `keep`) are removed until
+    the cache fits.
+    """
     target = cache_dir / ref.id
     if target.is_dir() and folder_sha256(target)[0] == ref.sha256:
+        os.utime(target)
         return target
+    target = _fetch(ref, cache_dir, target)
+    if max_bytes is not None:
+        evict_adapters(cache_dir, max_bytes, keep={*keep, ref.id})
+    return target
+
+
+def evict_adapters(cache_dir: Path, max_bytes: int, keep: Collection[str]) -> list[str]:
+    """Remove least recently used adapter folders (by mtime) beyond `max_bytes`, sparing `keep`; their ids."""
+    folders = []
+    for folder in cache_dir.iterdir():
+        if folder.is_dir() and ".partial-" not in folder.name:
+            try:
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                folders.append((folder.stat().st_mtime, size, folder))
+            except FileNotFoundError:  # another replica removed it meanwhile
+                continue
+    total, removed = sum(size for _, size, _ in folders), []
+    for _, size, folder in sorted(folders):
+        if total <= max_bytes:
+            break
+        if folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+            removed.append(folder.name)
+    return removed
+
+
+def _fetch(ref: AdapterRef, cache_dir: Path, target: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     storage = get_storage()

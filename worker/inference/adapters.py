@@ -21,6 +21,7 @@ from pathlib import Path
 
 from worker.formats.files import AdapterLoadError
 from worker.inference.adapter_slots import AdapterSlots
+from worker.inference.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +113,11 @@ class AdapterManager:
     """Loads adapters into the slots of an `AdapterSlots` on demand; thread-safe.
 
     `on_change`, when set, is called (without the lock) after an adapter is loaded into a slot or unloaded,
-    so a replica can tell the fleet at once what is resident.
+    so a replica can tell the fleet at once what is resident. `metrics`, when given, counts loads (and their
+    time) and evictions.
     """
 
-    def __init__(self, bank: AdapterSlots, max_loaded_adapters: int) -> None:
+    def __init__(self, bank: AdapterSlots, max_loaded_adapters: int, metrics: ServingMetrics | None = None) -> None:
         if not 1 <= max_loaded_adapters <= bank.n_slots:
             raise ValueError(f"max_loaded_adapters must be between 1 and the bank's {bank.n_slots} slots")
         self._bank = bank
@@ -126,6 +128,7 @@ class AdapterManager:
         self._clock = itertools.count(1)
         self._loads: collections.Counter[str] = collections.Counter()
         self.on_change: Callable[[], None] | None = None
+        self._metrics = metrics
         self.slot_wait_seconds = SLOT_WAIT_SECONDS
 
     def ensure(self, name: str, fetch: Callable[[], Path | str], pinned: bool = False) -> AdapterStatus:
@@ -156,6 +159,7 @@ class AdapterManager:
         return self._load(entry, fetch)
 
     def _load(self, entry: _Entry, fetch: Callable[[], Path | str]) -> AdapterStatus:
+        started = time.monotonic()
         try:
             folder = Path(fetch())
         except Exception as exc:
@@ -179,6 +183,8 @@ class AdapterManager:
             self._changed.notify_all()
             logger.info("adapter %s (%s) ready in slot %d", entry.name, adapter.kind, entry.slot)
             status = entry.status()
+        if self._metrics is not None:
+            self._metrics.adapter_loaded(time.monotonic() - started)
         self._notify_change()
         return status
 
@@ -223,6 +229,8 @@ class AdapterManager:
             self._changed.wait(remaining)
         victim = min(idle, key=lambda e: e.last_used)
         del self._entries[victim.name]
+        if self._metrics is not None:
+            self._metrics.adapter_evicted()
         logger.info("evicting adapter %s from slot %d to load %s", victim.name, victim.slot, entry.name)
         return victim.slot
 

@@ -19,6 +19,7 @@ from worker.inference.generation import (
     GenerationResult,
     TokenEvent,
 )
+from worker.inference.metrics import ServingMetrics
 from worker.inference.scheduler import ActiveSequence, BatchScheduler
 
 __all__ = [
@@ -43,7 +44,7 @@ class InferenceEngine:
 
     Adapters of any served kind (see `worker.formats.served`) are loaded into slots through `engine.adapters`
     (an `AdapterManager`) and picked per request by name. Use as a context manager, or call `close()`
-    to stop the loop thread.
+    to stop the loop thread. `metrics` labels its Prometheus series (default: by the model folder's name).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class InferenceEngine:
         max_lora_rank: int = 64,
         max_batch_size: int = 16,
         device: torch.device | str | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -62,17 +64,18 @@ class InferenceEngine:
             raise ValueError(f"unknown quantization {quantization!r}; choose one of {SERVING_QUANTIZATIONS}")
         choice = choose_device(device)
         self.max_batch_size = max_batch_size
+        self.metrics = metrics or ServingMetrics(Path(model_dir).name)
         self.device, self.dtype = choice.device, choice.compute_dtype
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_base_model(model_dir, quantization, choice, training=False)
         self.quantization = quantization
         self.slots = install_adapter_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype, quantization)
-        self.adapters = AdapterManager(self.slots, max_loaded_adapters)
+        self.adapters = AdapterManager(self.slots, max_loaded_adapters, metrics=self.metrics)
         self.eos_token_ids = self._eos_token_ids()
         self._vocab_size = self.model.get_input_embeddings().weight.shape[0]
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._scheduler = BatchScheduler(
-            self.model, self.slots, self.decode, self.eos_token_ids, max_batch_size, self.device
+            self.model, self.slots, self.decode, self.eos_token_ids, max_batch_size, self.device, metrics=self.metrics
         )
         self._scheduler.start()
 
@@ -129,6 +132,7 @@ class InferenceEngine:
             slot=slot,
             text=self._scheduler.new_text_stream(request.stop),
             on_finish=self._releaser(request.adapter),
+            metrics=self.metrics.sequence(request.adapter),
         )
         try:
             self._scheduler.submit(sequence)

@@ -22,6 +22,7 @@ from core.schemas.replicas import ReplicaStatus
 from core.sse import event_stream
 from worker.inference.adapter_cache import AdapterFetchError
 from worker.inference.generation import GenerationHandle, GenerationRequest
+from worker.inference.metrics import ServingMetrics
 from worker.inference.replica import LOADING_RETRY_AFTER_SECONDS, Replica
 from worker.inference.responses import CompletionShaper, collect, stream_chunks, usage
 from worker.inference.service import InferenceService
@@ -145,6 +146,7 @@ async def _receive(replica: Replica, header: str | None, model: str) -> tuple[In
     (503 while the base loads) and the engine name of the request's adapter (None: the base)."""
     ref = AdapterRef.model_validate_json(header) if header else None
     replica.requests.count(ref.id if ref is not None else model)
+    ServingMetrics(replica.base_model_id).request(ref.id if ref is not None else None)
     service = replica.require_service()
     return service, await _resolve_adapter(service, ref, model)
 

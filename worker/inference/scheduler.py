@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from worker.inference.adapter_slots import AdapterSlots
 from worker.inference.generation import ErrorEvent, FinishEvent, GenerationHandle, GenerationRequest, TokenEvent
 from worker.inference.kv_batch import PaddedKVBatch
+from worker.inference.metrics import SequenceMetrics, ServingMetrics
 from worker.inference.sampling import choose_token, make_generator, token_logprob
 from worker.inference.text_stream import TextStream
 
@@ -42,6 +43,7 @@ class ActiveSequence:
     slot: int | None  # the adapter's slot, None for the base
     text: TextStream
     on_finish: Callable[[], None]  # releases the adapter hold
+    metrics: SequenceMetrics | None = None  # its time to first token, inter-token latency and token count
     generator: torch.Generator = field(init=False)
     context_len: int = 0  # tokens in this sequence's KV cache
     next_token: int | None = None  # sampled, not yet fed to the model
@@ -69,8 +71,10 @@ class BatchScheduler:
         max_batch_size: int,
         device: torch.device,
         max_prefill_tokens: int = 4096,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self._model = model
+        self._metrics = metrics
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         self.max_prefill_tokens = max_prefill_tokens
@@ -290,6 +294,8 @@ class BatchScheduler:
 
     def _record_batch(self, rows: list[ActiveSequence]) -> None:
         mix = collections.Counter(s.adapter for s in rows)
+        if self._metrics is not None:
+            self._metrics.batch(len(rows))
         with self._stats_lock:
             stats = self._stats
             stats["decode_steps"] += 1
@@ -309,6 +315,8 @@ class BatchScheduler:
         token = choose_token(logits, request.temperature, request.top_p, sequence.generator)
         sequence.completion_tokens += 1
         self._count("generated_tokens")
+        if sequence.metrics is not None:
+            sequence.metrics.token()
         logprob = token_logprob(logits, token) if request.logprobs else None
         if token in self._eos:
             tail = sequence.text.finish()

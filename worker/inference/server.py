@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from core.errors import error_response, install_error_handlers
 from core.settings import get_settings
 from worker.inference.adapter_cache import answer_fetch_errors
+from worker.inference.metrics import install_metrics
 from worker.inference.replica import Replica
 from worker.inference.routes import AdapterLoadFailed, router
 
@@ -43,6 +44,7 @@ def create_inference_app(*, exit_on_failure: bool = False) -> FastAPI:
     install_error_handlers(app)
     install_adapter_error_handlers(app)
     app.include_router(router)
+    install_metrics(app)
     return app
 
 

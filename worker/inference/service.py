@@ -10,6 +10,7 @@ from core.models import Adapter, BaseModelRecord
 from core.schemas.inference import AdapterRef
 from core.settings import Settings
 from worker.inference.adapter_cache import AdapterFetchError, fetch_adapter
+from worker.inference.metrics import ServingMetrics
 
 log = logging.getLogger("patchbay.inference")
 MAX_BATCH_SIZE = 16
@@ -41,7 +42,8 @@ class InferenceService:
             quantization = "none"
         self.engine = InferenceEngine(base_path, quantization=quantization,
                                       max_loaded_adapters=settings.max_loaded_adapters,
-                                      max_lora_rank=settings.max_lora_rank, max_batch_size=MAX_BATCH_SIZE)
+                                      max_lora_rank=settings.max_lora_rank, max_batch_size=MAX_BATCH_SIZE,
+                                      metrics=ServingMetrics(self.base_model_id))
 
     def _merged_base(self, base_path: Path, adapter_ref: str) -> Path:
         """A full-precision copy of the base with one adapter merged in (built once, then reused)."""
@@ -60,7 +62,7 @@ class InferenceService:
 
     def fetch(self, ref: AdapterRef) -> Path:
         """The adapter's folder in the local cache, copied from storage and checked against its sha256."""
-        return fetch_adapter(ref, self.cache_dir)
+        return fetch_adapter(ref, self.cache_dir, self.settings.storage_cache_bytes)  # loaded ones live in memory
 
     def ensure(self, ref: AdapterRef, pinned: bool = False) -> str | None:
         """Make the adapter resident (idempotent); returns its engine name (None: merged into the base)."""

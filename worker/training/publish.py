@@ -16,7 +16,7 @@ from core.naming import adapter_name, fine_tuned_model_name
 from core.registry import publish_version
 from core.schemas.peft_methods import RANKED_METHODS
 from core.schemas.training import techniques_of
-from core.storage import LocalStorage, folder_sha256
+from core.storage import Storage, folder_sha256
 from worker.formats.files import ADAPTER_CONFIG_FILE
 
 
@@ -56,7 +56,7 @@ def write_metadata(adapter_dir: Path, *, job: Job, base: BaseModelRecord, files:
         datasets={kind: (DatasetStamp(id=f.id, sha256=f.sha256) if f else None) for kind, f in files.items()}))
 
 
-def publish_adapter(session: Session, storage: LocalStorage, *, job: Job, adapter_dir: Path,
+def publish_adapter(session: Session, storage: Storage, *, job: Job, adapter_dir: Path,
                     metadata: AdapterMetadata) -> Adapter:
     """Store the folder and add the registry version (the caller commits both with the job outcome)."""
     team = session.get(Team, job.team_id)

@@ -141,7 +141,7 @@ def fake(tmp_path, monkeypatch):
     service = VllmService(settings(data_dir=tmp_path, vllm_max_loras=2), "tiny", "http://vllm.test")
     service._http = httpx.Client(base_url="http://vllm.test", transport=httpx.MockTransport(vllm.handle))
     monkeypatch.setattr("worker.inference.vllm.service.fetch_adapter",
-                        lambda ref, cache_dir: cache_dir / ref.id)
+                        lambda ref, cache_dir, *_, **__: cache_dir / ref.id)
     changes = []
     service.on_change = lambda: changes.append(sorted(service.resident_ids()))
     return vllm, service, changes

@@ -25,6 +25,7 @@ from core.schemas.inference import AdapterRef, InternalLoadAdapter, InternalUnlo
 from core.schemas.replicas import ReplicaStatus
 from core.settings import get_settings
 from worker.inference.adapter_cache import answer_fetch_errors
+from worker.inference.metrics import ServingMetrics, install_metrics
 from worker.inference.vllm.relay import error_answer, is_stream, json_answer, missing_model, read_json, stream_answer
 from worker.inference.vllm.replica import LOADING_RETRY_AFTER_SECONDS, VllmReplica
 from worker.inference.vllm.service import AdapterLoadFailed
@@ -123,6 +124,7 @@ async def _generate(replica: VllmReplica, path: str, body: dict, header: str | N
     if ref is not None:
         service.check(ref)
     name = ref.id if ref is not None else service.base_model_id
+    ServingMetrics(replica.base_model_id).request(ref.id if ref is not None else None)
     replica.requests.begin(name)
     end = _Once(replica.requests.end)
     try:
@@ -186,6 +188,7 @@ def create_vllm_app(*, exit_on_failure: bool = False) -> FastAPI:
     install_error_handlers(app)
     install_adapter_error_handlers(app)
     app.include_router(router)
+    install_metrics(app)
     return app
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from core.schemas.inference import AdapterRef
 from core.serving_kinds import VLLM_ENGINE_KINDS
 from core.settings import Settings
 from worker.inference.adapter_cache import fetch_adapter
+from worker.inference.metrics import ServingMetrics
 
 log = logging.getLogger("patchbay.vllm")
 ADMIN_TIMEOUT = httpx.Timeout(300, connect=5)
@@ -60,6 +62,7 @@ class VllmService:
         self._held: collections.Counter[str] = collections.Counter()
         self._loading: dict[str, threading.Lock] = {}
         self._loads: collections.Counter[str] = collections.Counter()
+        self.metrics = ServingMetrics(base_model_id)
 
     # -- the AdapterHost protocol ----------------------------------------------------------------
 
@@ -72,8 +75,12 @@ class VllmService:
                 if present:
                     self._registered.move_to_end(ref.id)
             if not present:
-                folder = fetch_adapter(ref, self.cache_dir)
+                started = time.monotonic()
+                with self._lock:
+                    registered = set(self._registered)  # vLLM reloads these from their folders
+                folder = fetch_adapter(ref, self.cache_dir, self.settings.storage_cache_bytes, keep=registered)
                 self._register(ref.id, folder)
+                self.metrics.adapter_loaded(time.monotonic() - started)
                 with self._lock:
                     self._registered[ref.id] = folder
                     self._loads[ref.id] += 1
@@ -211,6 +218,7 @@ class VllmService:
                 victims.append(adapter_id)
                 spare -= 1
         for adapter_id in victims:
+            self.metrics.adapter_evicted()
             log.info("adapter %s is the least recently used beyond %d; unregistering it", adapter_id,
                      self.max_adapters)
             self._unregister(adapter_id)

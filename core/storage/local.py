@@ -1,24 +1,15 @@
-"""Object storage for datasets, checkpoints and adapters.
-
-Keys are built from our own ids (never from user-supplied names). One interface;
-the local-directory backend is the embedded default and works on any shared volume.
-"""
+"""Storage in a local (or shared, mounted) directory: the embedded default."""
 
 from __future__ import annotations
 
-import hashlib
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from core.settings import get_settings
-
-CHUNK_BYTES = 1024 * 1024
-
-
-class StorageError(RuntimeError):
-    """A storage key is invalid or missing."""
+from core.storage.base import CHUNK_BYTES, StorageError, StorageUnavailable, newest_mtime
 
 
 class LocalStorage:
@@ -27,6 +18,9 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
 
     def path(self, key: str) -> Path:
         """The local path of `key`; refuses keys that escape the root."""
@@ -49,10 +43,8 @@ class LocalStorage:
         return open(target, "rb")
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
-        """Stream the object in chunks."""
-        with self.open_read(key) as fh:
-            while chunk := fh.read(CHUNK_BYTES):
-                yield chunk
+        """Stream the object in chunks (opened at once)."""
+        return _chunks(self.open_read(key))
 
     def exists(self, key: str) -> bool:
         """Whether `key` holds a file or folder."""
@@ -69,11 +61,22 @@ class LocalStorage:
 
     def get_dir(self, key: str, dest: Path) -> Path:
         """Copy the folder at `key` to `dest` and return `dest`."""
+        shutil.copytree(self.local_dir(key, dest.parent), dest, dirs_exist_ok=True)
+        return dest
+
+    def local_dir(self, key: str, scratch: Path) -> Path:
+        """The folder itself (`scratch` is not needed)."""
         source = self.path(key)
         if not source.is_dir():
             raise StorageError(f"no folder at {key!r}")
-        shutil.copytree(source, dest, dirs_exist_ok=True)
-        return dest
+        return source
+
+    def local_copy(self, key: str, sha256: str | None = None) -> Path:
+        """The file itself."""
+        target = self.path(key)
+        if not target.is_file():
+            raise StorageError(f"no object at {key!r}")
+        return target
 
     def rename(self, source: str, target: str) -> None:
         """Move the object at `source` to `target` (atomic on one filesystem): how a temporary is committed."""
@@ -102,33 +105,18 @@ class LocalStorage:
         else:
             target.unlink(missing_ok=True)
 
+    def check(self) -> None:
+        """The root must be a folder we can write to."""
+        try:
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            raise StorageUnavailable(f"Storage folder {self.root} is not writable: {exc.strerror or exc}") from exc
+        if not os.access(self.root, os.R_OK):
+            raise StorageUnavailable(f"Storage folder {self.root} is not readable")
 
-def newest_mtime(path: Path) -> float:
-    """The latest modification time of a file, or of anything inside a folder."""
-    if path.is_file():
-        return path.stat().st_mtime
-    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
 
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a local file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+    with fh:
         while chunk := fh.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def get_storage() -> LocalStorage:
-    """The configured storage backend."""
-    return LocalStorage(get_settings().resolved_storage_dir)
-
-
-def folder_sha256(folder: Path, pattern: str = "*") -> tuple[str, int]:
-    """A digest over the name and sha256 of every file matching `pattern`, and their byte count."""
-    digest = hashlib.sha256()
-    size = 0
-    for path in sorted(p for p in folder.glob(pattern) if p.is_file()):
-        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
-        size += path.stat().st_size
-    return digest.hexdigest(), size
+            yield chunk
