@@ -30,15 +30,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.db import session_scope
 from core.errors import ApiError
 from core.ids import now
-from core.job_lifecycle import QUEUED, VALIDATING_FILES
 from core.models import Job, Team
+from core.training_queue import queue_by_team
 
 log = logging.getLogger("patchbay.metrics")
 REGISTRY = CollectorRegistry()
 """Everything the API's `/metrics` shows (its own registry: other sources in the same process stay out)."""
 UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-WAITING = (VALIDATING_FILES, QUEUED)
 MAX_TEAMS = 1000
 """Teams the jobs collector reports on at most (the query stays bounded)."""
 
@@ -159,15 +158,14 @@ def _read_jobs() -> tuple[dict[str, int], dict[str, tuple[int, float]]]:
     """Counts by status, and per team (up to MAX_TEAMS) its waiting jobs and the oldest one's age."""
     with session_scope() as session:
         by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-        teams = dict(session.execute(select(Team.id, Team.name).order_by(Team.name).limit(MAX_TEAMS)).all())
-        rows = session.execute(select(Job.team_id, func.count(), func.min(Job.created_at))
-                               .where(Job.status.in_(WAITING)).group_by(Job.team_id)).all()
+        teams = session.scalars(select(Team.name).order_by(Team.name).limit(MAX_TEAMS)).all()
+        queue = queue_by_team(session)
     t = now()
-    waiting = {name: (0, 0.0) for name in teams.values()}
-    for team_id, count, created in rows:
-        if team_id in teams:
-            waiting[teams[team_id]] = (count, max(0.0, t - created))
-    return {status: count for status, count in by_status.items()}, waiting
+    waiting = {name: (0, 0.0) for name in teams}
+    for entry in queue:
+        if entry["team"] in waiting and entry["queued"]:
+            waiting[entry["team"]] = (entry["queued"], max(0.0, t - entry["oldest_queued_at"]))
+    return by_status, waiting
 
 
 REGISTRY.register(JobsCollector())

@@ -46,9 +46,13 @@ def _wait_for_checkpoint(client, job_id: str, timeout: float = 240) -> int:
 
 
 @pytest.fixture
-def s3_stack(tmp_path, postgres_url, redis_url, tiny_model_dir, s3_env):
-    """The stack with its storage in a real S3-compatible bucket (SeaweedFS)."""
-    stack = make_stack(tmp_path, postgres_url, redis_url, tiny_model_dir, **s3_env)
+def s3_stack(tmp_path, fresh_postgres_url, redis_url, tiny_model_dir, s3_env):
+    """The stack with its storage in a real S3-compatible bucket (SeaweedFS).
+
+    Its database is its own: the module's database already holds the adapter that
+    the local-storage variant of the SIGKILL test published.
+    """
+    stack = make_stack(tmp_path, fresh_postgres_url, redis_url, tiny_model_dir, **s3_env)
     stack.start_api()
     yield stack
     stack.stop()
