@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 if TYPE_CHECKING:
     from core.storage import Storage
 
-DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text"]
+DatasetFormat = Literal["chat", "prompt_completion", "alpaca", "text", "preference"]
 CHAT_ROLES = ("system", "user", "assistant")
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 MAX_REPORTED_ERRORS = 20
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -32,13 +33,18 @@ class Message:
 
 @dataclass
 class Example:
-    """One training example in a format-independent shape."""
+    """One training example in a format-independent shape.
+
+    A preference example keeps its input in `messages` and its two assistant answers in `chosen`/`rejected`.
+    """
 
     format: DatasetFormat
     messages: list[Message] = field(default_factory=list)
     prompt: str = ""
     completion: str = ""
     text: str = ""
+    chosen: str = ""
+    rejected: str = ""
 
 
 class LineError(ValueError):
@@ -56,10 +62,32 @@ def _require_string(obj: dict, key: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _reject_extra(obj: dict, allowed: set[str]) -> None:
+def _reject_extra(obj: dict, allowed: set[str], where: str = "") -> None:
     extra = sorted(set(obj) - allowed)
     if extra:
-        raise LineError(f"unexpected field(s): {', '.join(repr(k) for k in extra)}")
+        prefix = f"{where} has unexpected" if where else "unexpected"
+        raise LineError(f"{prefix} field(s): {', '.join(repr(k) for k in extra)}")
+
+
+def _parse_message(message: object, where: str, roles: tuple[str, ...] = CHAT_ROLES, *,
+                   weighted: bool = False) -> Message:
+    """One chat message, its errors named after `where`; `weight` is allowed only when `weighted`."""
+    if not isinstance(message, dict):
+        raise LineError(f"{where} must be an object")
+    _reject_extra(message, {"role", "content", "name"} | ({"weight"} if weighted else set()), where)
+    role = message.get("role")
+    if role not in roles:
+        expected = f"one of {', '.join(roles)}" if len(roles) > 1 else roles[0]
+        raise LineError(f"{where}.role must be {expected}, got {role!r}")
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise LineError(f"{where}.content must be a string")
+    if not content.strip():
+        raise LineError(f"{where}.content is empty")
+    weight = message.get("weight", 1)
+    if "weight" in message and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+        raise LineError(f"{where}.weight must be 0 or 1, and only on assistant messages")
+    return Message(role=role, content=content, weight=int(weight))
 
 
 def _parse_chat(obj: dict) -> Example:
@@ -67,26 +95,7 @@ def _parse_chat(obj: dict) -> Example:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise LineError("field 'messages' must be a non-empty list")
-    parsed: list[Message] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise LineError(f"{where} must be an object")
-        extra = sorted(set(message) - {"role", "content", "weight", "name"})
-        if extra:
-            raise LineError(f"{where} has unexpected field(s): {', '.join(map(repr, extra))}")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise LineError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise LineError(f"{where}.content must be a string")
-        if not content.strip():
-            raise LineError(f"{where}.content is empty")
-        weight = message.get("weight", 1)
-        if "weight" in message and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
-            raise LineError(f"{where}.weight must be 0 or 1, and only on assistant messages")
-        parsed.append(Message(role=role, content=content, weight=int(weight)))
+    parsed = [_parse_message(m, f"messages[{i}]", weighted=True) for i, m in enumerate(messages)]
     if not any(m.role == "assistant" for m in parsed):
         raise LineError("no assistant message: there is nothing to learn")
     if not any(m.role == "assistant" and m.weight for m in parsed):
@@ -120,8 +129,52 @@ def _parse_text(obj: dict) -> Example:
     return Example(format="text", text=_require_string(obj, "text"))
 
 
+def _parse_output(obj: dict, key: str) -> str:
+    output = obj[key]
+    if not isinstance(output, list) or len(output) != 1:
+        raise LineError(f"{key} must hold exactly one assistant message")
+    return _parse_message(output[0], f"{key}[0]", ("assistant",)).content
+
+
+def _parse_preference(obj: dict) -> Example:
+    """OpenAI's DPO line: `input.messages` ending on a user turn, then two one-message assistant answers."""
+    _reject_extra(obj, set(PREFERENCE_KEYS))
+    for key in PREFERENCE_KEYS:
+        if key not in obj:
+            raise LineError(f"missing field '{key}'")
+    given = obj["input"]
+    if not isinstance(given, dict):
+        raise LineError("field 'input' must be an object")
+    for key in ("tools", "parallel_tool_calls"):
+        if key in given:
+            raise LineError(f"input.{key} is not supported: preference examples cannot carry tools")
+    _reject_extra(given, {"messages"}, "input")
+    if "messages" not in given:
+        raise LineError("missing field 'input.messages'")
+    messages = given["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise LineError("input.messages must be a non-empty list")
+    parsed = [_parse_message(m, f"input.messages[{i}]") for i, m in enumerate(messages)]
+    if parsed[-1].role != "user":
+        raise LineError(f"input.messages[{len(parsed) - 1}].role must be user: the last input message is the one "
+                        f"the outputs answer, got {parsed[-1].role!r}")
+    chosen, rejected = _parse_output(obj, "preferred_output"), _parse_output(obj, "non_preferred_output")
+    if chosen.strip() == rejected.strip():
+        raise LineError("preferred_output and non_preferred_output are identical")
+    return Example(format="preference", messages=parsed, chosen=chosen, rejected=rejected)
+
+
+def _is_preference(obj: dict) -> bool:
+    # An alpaca line names `instruction` (or `output`): its `input` key means nothing alone.
+    if "instruction" in obj:
+        return False
+    return "preferred_output" in obj or "non_preferred_output" in obj or ("input" in obj and "output" not in obj)
+
+
 def detect_format(obj: dict) -> DatasetFormat:
     """Name the format a JSON object is written in, from its keys."""
+    if _is_preference(obj):
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "prompt" in obj or "completion" in obj:
@@ -130,11 +183,9 @@ def detect_format(obj: dict) -> DatasetFormat:
         return "alpaca"
     if "text" in obj:
         return "text"
-    if "preferred_output" in obj or "non_preferred_output" in obj:
-        raise LineError("preference (DPO) examples are not supported by the supervised method")
     raise LineError(
         "unknown example format: expected 'messages' (chat), 'prompt'/'completion', "
-        "'instruction'/'output' (alpaca) or 'text'"
+        "'instruction'/'output' (alpaca), 'text' or 'input'/'preferred_output'/'non_preferred_output' (preference)"
     )
 
 
@@ -143,6 +194,7 @@ _PARSERS = {
     "prompt_completion": _parse_prompt_completion,
     "alpaca": _parse_alpaca,
     "text": _parse_text,
+    "preference": _parse_preference,
 }
 
 

@@ -119,6 +119,7 @@ def tokenize_example(
     - chat / alpaca: the chat template; weight-1 assistant turns and their end-of-turn token.
     - prompt_completion: prompt tokens then completion tokens plus EOS; the completion and EOS.
     - text: the text plus EOS; every token.
+    - preference: refused (a ValueError); the DPO recipe tokenizes its pairs itself.
     `train_on_inputs` labels every token of chat, alpaca and prompt_completion examples too.
     """
     eos_id = tokenizer.eos_token_id
@@ -134,6 +135,8 @@ def tokenize_example(
     elif example.format == "text":
         ids = _encode_plain(tokenizer, example.text) + [eos_id]
         labels = list(ids)
+    elif example.format == "preference":
+        raise ValueError("preference examples are chosen/rejected pairs: supervised tokenization cannot train them")
     else:
         raise ValueError(f"unknown example format {example.format!r}")
     truncated = len(ids) > max_seq_length
@@ -183,7 +186,8 @@ class Row:
     n_labelled: int
 
 
-def _packed_row(examples: list[TokenizedExample]) -> Row:
+def packed_row(examples: list[TokenizedExample]) -> Row:
+    """One padding-free row of the examples in order, each in an attention segment of its own."""
     ids, targets, positions = [], [], []
     for example in examples:
         ids += example.input_ids
@@ -200,7 +204,8 @@ def _packed_row(examples: list[TokenizedExample]) -> Row:
     )
 
 
-def _padded_batch(examples: list[TokenizedExample], pad_id: int) -> Row:
+def padded_batch(examples: list[TokenizedExample], pad_id: int) -> Row:
+    """A micro-batch of the examples in order, right-padded to the longest."""
     longest = max(e.n_tokens for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
@@ -239,11 +244,11 @@ def build_rows(
                 size = 0
             groups[-1].append(example)
             size += example.n_tokens
-        return [_packed_row(group) for group in groups if group]
+        return [packed_row(group) for group in groups if group]
     groups = [[]]
     for example in sorted(examples, key=lambda e: e.n_tokens):
         # Sorted ascending, so the newcomer is the longest: the padded size is count x its length.
         if groups[-1] and (len(groups[-1]) + 1) * example.n_tokens > row_token_cap:
             groups.append([])
         groups[-1].append(example)
-    return [_padded_batch(group, pad_id) for group in groups if group]
+    return [padded_batch(group, pad_id) for group in groups if group]

@@ -16,17 +16,26 @@ function labelled(label, text) {
 const asText = (value) => (typeof value === "string" ? value : JSON.stringify(value, null, 2));
 
 /** One example laid out by its format (the same key rules as core/datasets.py's detect_format). */
+function chatMessages(messages, labelOf = null) {
+  return messages.map((m) => {
+    const role = m && typeof m === "object" ? String(m.role ?? "?") : "?";
+    const weightOff = m && m.weight === 0 ? " (weight 0: not learned)" : "";
+    const label = labelOf ? labelOf(role) : `${role}${m && m.name ? ` · ${m.name}` : ""}${weightOff}`;
+    return h("div", {class: `example-part message role-${role.replace(/[^a-z]/gi, "")}`},
+      h("span", {class: "example-label"}, label),
+      h("div", {class: "example-text"}, m && typeof m === "object" ? asText(m.content ?? "") : asText(m)));
+  });
+}
+
 function prettyExample(obj) {
   if (obj === null || typeof obj !== "object" || Array.isArray(obj)) return h("pre", {}, JSON.stringify(obj, null, 2));
-  if ("messages" in obj && Array.isArray(obj.messages)) {
-    return h("div", {class: "example chat"}, obj.messages.map((m) => {
-      const role = m && typeof m === "object" ? String(m.role ?? "?") : "?";
-      const weightOff = m && m.weight === 0 ? " (weight 0: not learned)" : "";
-      return h("div", {class: `example-part message role-${role.replace(/[^a-z]/gi, "")}`},
-        h("span", {class: "example-label"}, `${role}${m && m.name ? ` · ${m.name}` : ""}${weightOff}`),
-        h("div", {class: "example-text"}, m && typeof m === "object" ? asText(m.content ?? "") : asText(m)));
-    }));
+  if ("preferred_output" in obj || "non_preferred_output" in obj) {
+    const input = obj.input && typeof obj.input === "object" && Array.isArray(obj.input.messages) ? obj.input.messages : [];
+    const outputs = (key, label) => (Array.isArray(obj[key]) ? chatMessages(obj[key], (role) => `${label} (${role})`) : []);
+    return h("div", {class: "example chat preference"}, chatMessages(input),
+      outputs("preferred_output", "preferred"), outputs("non_preferred_output", "not preferred"));
   }
+  if ("messages" in obj && Array.isArray(obj.messages)) return h("div", {class: "example chat"}, chatMessages(obj.messages));
   if ("prompt" in obj || "completion" in obj) {
     return h("div", {class: "example"}, labelled("prompt", asText(obj.prompt ?? "")),
       labelled("completion", asText(obj.completion ?? "")));
