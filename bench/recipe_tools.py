@@ -43,11 +43,14 @@ class QuietContext:
 
 
 def timed_recipe(job, ctx):
-    """The recipe for `job`, recording each optimizer step's seconds (row building, forward, backward,
-    update), real tokens and loss in `step_seconds`, `step_tokens` and `step_losses`."""
+    """The recipe for `job` (supervised or DPO), recording each optimizer step's seconds (row building,
+    forward, backward, update), real tokens and loss in `step_seconds`, `step_tokens` and `step_losses`."""
+    from worker.training.dpo_recipe import DpoRecipe
     from worker.training.recipe import FineTuneRecipe
 
-    class TimedRecipe(FineTuneRecipe):
+    recipe_class = DpoRecipe if job.config.method == "dpo" else FineTuneRecipe
+
+    class TimedRecipe(recipe_class):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.step_seconds: list[float] = []

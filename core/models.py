@@ -165,6 +165,9 @@ class Adapter(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="ready")
     source: Mapped[str] = mapped_column(String(16), default="job", server_default="job")
+    # The version it was trained from (a job that continued a fine-tuned model); no foreign key, so that
+    # a parent's id stays named after the parent is gone.
+    parent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
     __table_args__ = (UniqueConstraint("team_id", "name", "version", name="uq_adapters_name_version"),)

@@ -22,6 +22,8 @@ from core.storage import get_storage
 
 MAX_VERSION = 2**31 - 1
 """Versions are a 32-bit column; larger numbers name nothing."""
+MAX_LINEAGE = 32
+"""At most this many ancestors are listed in an adapter's `lineage`."""
 FEED_LOCK = 0x7061_7463_6872  # "patchr": the Postgres advisory lock key that orders feed writers
 
 
@@ -131,6 +133,30 @@ def aliases_of(session: Session, adapter_ids: list[str]) -> dict[str, list[str]]
         for row in session.scalars(select(AdapterAlias).where(AdapterAlias.adapter_id.in_(adapter_ids))):
             found.setdefault(row.adapter_id, []).append(row.alias)
     return found
+
+
+def lineages(session: Session, rows: list[Adapter]) -> tuple[dict[str, list[str]], dict[str, Adapter]]:
+    """Each row's ancestor ids, nearest first (at most MAX_LINEAGE), and the ancestor rows still there.
+
+    Deleted versions keep their rows, so they stay in the chain; a parent whose row is gone ends it (its id
+    is still listed). One query per generation, for all rows at once.
+    """
+    found: dict[str, Adapter] = {row.id: row for row in rows}
+    chains: dict[str, list[str]] = {row.id: [] for row in rows}
+    nxt = {row.id: row.parent_id for row in rows}
+    for _ in range(MAX_LINEAGE):
+        wanted = {parent for parent in nxt.values() if parent and parent not in found}
+        if wanted:
+            found.update((a.id, a) for a in session.scalars(select(Adapter).where(Adapter.id.in_(wanted))))
+        for row_id, parent in nxt.items():
+            if parent is None or parent == row_id or parent in chains[row_id]:  # the end, or a (corrupt) cycle
+                nxt[row_id] = None
+                continue
+            chains[row_id].append(parent)
+            nxt[row_id] = found[parent].parent_id if parent in found else None
+        if not any(nxt.values()):
+            break
+    return chains, found
 
 
 def find_team_adapter(session: Session, team_id: str, ref: str) -> Adapter | None:

@@ -14,10 +14,11 @@ from core import job_lifecycle
 from core.datasets import read_examples
 from core.db import session_scope
 from core.events import add_event
-from core.models import BaseModelRecord, File, Job
+from core.models import Adapter, BaseModelRecord, File, Job
 from core.queue import TRAIN_TASK
+from core.schemas.training import StartAdapter
 from core.settings import get_settings
-from core.storage import get_storage
+from core.storage import Storage, folder_sha256, get_storage
 from worker.celery_app import app
 from worker.job_context import DbJobContext, LeaseHeartbeat
 from worker.metrics import training_metrics
@@ -57,6 +58,21 @@ def run_job(job_id: str) -> str:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _fetch_start_adapter(start: StartAdapter, storage: Storage, work_dir: Path) -> Path:
+    """The folder of the adapter a job continues from, copied into its work dir and checked against its sha256."""
+    what = f"the adapter this job continues from, {start.fine_tuned_model or start.name} ({start.id}),"
+    with session_scope() as session:
+        row = session.get(Adapter, start.id)
+        if row is None or row.status != "ready":
+            raise RuntimeError(f"{what} was deleted")
+    if not storage.exists(start.storage_key):
+        raise RuntimeError(f"{what} is missing from storage")
+    folder = storage.get_dir(start.storage_key, work_dir / "start-adapter")
+    if folder_sha256(folder)[0] != start.sha256:
+        raise RuntimeError(f"{what} failed its sha256 check")
+    return folder
+
+
 def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_dir: Path) -> str:
     from core.schemas.training import ResolvedTraining
     from worker.training.interface import TrainingJob, TrainingStopped
@@ -76,6 +92,7 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
             raise RuntimeError(f"base model '{job.model}' is no longer registered")
         if training_file is None:
             raise RuntimeError(f"training file '{job.training_file}' was deleted")
+        start_dir = _fetch_start_adapter(config.start_adapter, storage, work_dir) if config.start_adapter else None
         training_job = TrainingJob(
             job_id=job_id,
             base_model_path=base.path,
@@ -85,6 +102,7 @@ def _train_and_publish(job_id: str, owner: str, heartbeat: LeaseHeartbeat, work_
                                  if validation_file else None),
             config=config,
             work_dir=work_dir,
+            start_adapter_dir=start_dir,
         )
         result = run_training(training_job, context)
     except TrainingStopped:

@@ -25,7 +25,7 @@ from core.db import session_scope
 from core.errors import invalid, not_found
 from core.ids import new_id
 from core.models import Adapter, AdapterAliasEvent, BaseModelRecord, Team
-from core.registry import aliases_of, delete_version, find_team_adapter, move_alias, publish_version
+from core.registry import aliases_of, delete_version, find_team_adapter, lineages, move_alias, publish_version
 from core.safetensors_header import count_folder_params
 from core.schemas.adapters import AdapterPublic, AliasEventPublic, AliasMove
 from core.schemas.common import DeletedObject, ListPage
@@ -45,7 +45,9 @@ def get_team_adapter(session, team, ref: str) -> Adapter:
 
 def _public(session, rows: list[Adapter]) -> list[AdapterPublic]:
     aliases = aliases_of(session, [r.id for r in rows])
-    return [AdapterPublic.of(r, aliases.get(r.id)) for r in rows]
+    chains, found = lineages(session, rows)
+    return [AdapterPublic.of(r, aliases.get(r.id), parent=found.get(r.parent_id), lineage=chains[r.id])
+            for r in rows]
 
 
 @router.get("", response_model=ListPage[AdapterPublic])

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 from fastapi import Request
 from sqlalchemy import select
@@ -13,17 +14,20 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTeam, SessionDep, SettingsDep
 from api.metrics import counting_limits
+from api.openapi import error_responses
 from api.pagination import After, Limit, page_newest_first
 from api.routing import team_router
 from api.team_slots import EVENT_STREAMS
 from core import job_lifecycle
 from core.base_models import has_chat_template
+from core.continuation import continued_peft, named, start_adapter_of
 from core.db import session_scope
 from core.errors import ApiError, invalid, invalid_all, not_found
 from core.events import add_event
 from core.ids import new_id
 from core.job_lifecycle import CANCELLED, PAUSED, TERMINAL_STATUSES
 from core.models import (
+    Adapter,
     BaseModelRecord,
     Checkpoint,
     File,
@@ -34,6 +38,7 @@ from core.models import (
 )
 from core.queue import TRAIN_TASK
 from core.quotas import check_queued_jobs
+from core.registry import ResolutionError, resolve_model
 from core.schemas.common import ListPage
 from core.schemas.jobs import (
     MAX_METADATA_KEY,
@@ -46,7 +51,7 @@ from core.schemas.jobs import (
     JobPublic,
     valid_metadata_key,
 )
-from core.schemas.training import resolve_training
+from core.schemas.training import PeftConfigSpec, resolve_training
 from core.settings import Settings
 from core.sse import DONE, EventSourceResponse, ServerSentEvent, event_stream
 from core.stores import store_outage
@@ -76,14 +81,56 @@ def _usable_file(session, team: Team, file_id: str, param: str) -> File:
     return row
 
 
-def _checked_inputs(session, team: Team, body: JobCreate) -> tuple[BaseModelRecord, File]:
-    """The base model and the training file, after checking every input the schema cannot (all at once)."""
-    problems: list[ApiError] = []
-    base = session.get(BaseModelRecord, body.model)
-    if base is None:
+class CheckedInputs(NamedTuple):
+    """A job's inputs after every check: its base, training file, `peft` spec and the adapter it continues."""
+
+    base: BaseModelRecord
+    training_file: File
+    peft: PeftConfigSpec
+    start_adapter: Adapter | None
+
+
+def _model(session, team: Team, model: str) -> tuple[BaseModelRecord | None, Adapter | None]:
+    """The base model and the adapter (if any) that a job's `model` names; 404 when it names neither."""
+    try:
+        resolution = resolve_model(session, team.id, model)
+    except ResolutionError:
         known = ", ".join(session.scalars(select(BaseModelRecord.id)).all()) or "none registered"
-        problems.append(invalid(f"Unknown base model '{body.model}' (available: {known}).", "model",
-                                "model_not_found"))
+        raise ApiError(404, f"The model '{model}' is neither a base model (available: {known}) nor one of your "
+                            "fine-tuned models.", param="model", code="model_not_found") from None
+    return session.get(BaseModelRecord, resolution.base_model), resolution.adapter
+
+
+def _format_problem(row: File, param: str, method_type: str) -> ApiError | None:
+    """A dpo job trains on preference files only, and a supervised job on every other format."""
+    if method_type == "dpo" and row.format != "preference":
+        return invalid(f"A dpo job trains on preference examples (input, preferred_output, non_preferred_output), "
+                       f"but file '{row.id}' holds {row.format} examples.", param, "invalid_file_format")
+    if method_type != "dpo" and row.format == "preference":
+        return invalid(f"File '{row.id}' holds preference examples, which only a dpo job trains on (method.type "
+                       "'dpo'); a supervised job takes chat, prompt/completion, alpaca or text examples.", param,
+                       "invalid_file_format")
+    return None
+
+
+def _checked_inputs(session, team: Team, body: JobCreate) -> CheckedInputs:
+    """Every input the schema cannot check, all at once; `model` may name a base or one of the team's adapters.
+
+    For an adapter the job trains its base, starting from its weights, with its method and shape
+    (`core.continuation`). An unknown model is a 404 on its own.
+    """
+    problems: list[ApiError] = []
+    base, adapter = _model(session, team, body.model)
+    peft = body.peft
+    if adapter is not None:
+        try:
+            peft, conflicts = continued_peft(session, adapter, body.peft)
+            problems += conflicts
+        except ApiError as exc:
+            problems.append(exc)
+        if base is None:
+            problems.append(invalid(f"The base model '{adapter.base_model}' of {named(adapter)} is no longer "
+                                    "registered.", "model", "model_not_found"))
     files = {}
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
@@ -93,36 +140,44 @@ def _checked_inputs(session, team: Team, body: JobCreate) -> tuple[BaseModelReco
             except ApiError as exc:
                 problems.append(exc)
     for param, row in files.items():
-        if base is not None and row.format in ("chat", "alpaca") and not has_chat_template(Path(base.path)):
+        if (base is not None and row.format in ("chat", "alpaca", "preference")
+                and not has_chat_template(Path(base.path))):
             problems.append(invalid(f"File '{row.id}' holds {row.format} examples, but base model '{base.id}' has "
                                     "no chat template; use prompt/completion or text examples with it.", param,
                                     "no_chat_template"))
+        if (problem := _format_problem(row, param, body.method_type)) is not None:
+            problems.append(problem)
     if problems:
         raise invalid_all(problems)
-    return base, files["training_file"]
+    return CheckedInputs(base, files["training_file"], peft, adapter)
 
 
-@router.post("", response_model=JobPublic | JobPreview)
+@router.post("", response_model=JobPublic | JobPreview, responses=error_responses(404))
 def create_job(body: JobCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep,
                dry_run: bool = False) -> JobPublic | JobPreview:
     """Validate the whole spec, then write the job and its dispatch in one transaction.
 
     With `dry_run=true` nothing is written: the answer is the spec as the job would resolve it (every
-    `"auto"` and method default filled in), or the same 400 a real create would give.
+    `"auto"` and method default filled in, and the parent's shape for a `model` that names a fine-tuned
+    model), or the same 400 or 404 a real create would give.
     """
     if not dry_run:
         with counting_limits(team.name, "max_queued_jobs"):
             check_queued_jobs(session, team, settings)
-    _, training = _checked_inputs(session, team, body)
+    inputs = _checked_inputs(session, team, body)
+    training = inputs.training_file
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    resolved = resolve_training(body.chosen_hyperparameters(), body.peft, training.n_examples, seed)
+    resolved = resolve_training(body.chosen_hyperparameters(), inputs.peft, training.n_examples, seed,
+                                body.method_type)
+    if inputs.start_adapter is not None:
+        resolved.start_adapter = start_adapter_of(inputs.start_adapter)
     if dry_run:
         return JobPreview.of(body, resolved, training.n_examples)
     job = job_lifecycle.new_job(
         deadline_seconds=settings.job_deadline_seconds,
         id=new_id("ftjob"),
         team_id=team.id,
-        model=body.model,
+        model=inputs.base.id,  # the base, as the worker, naming and the queue read it; spec["model"] is as sent
         training_file=body.training_file,
         validation_file=body.validation_file,
         spec=body.model_dump(mode="json"),

@@ -7,7 +7,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.models import Adapter, AdapterAliasEvent
+from core.registry import MAX_LINEAGE
 from core.schemas.bounds import ObjectId
+
+
+class AdapterParent(BaseModel):
+    """The version an adapter was trained from; only `id` is sure to be known (the row may be gone)."""
+
+    id: str
+    fine_tuned_model: str | None = None
+    name: str | None = None
+    version: int | None = None
 
 
 class AdapterPublic(BaseModel):
@@ -36,10 +46,17 @@ class AdapterPublic(BaseModel):
     status: str
     created_at: int
     aliases: list[str] = []
+    parent: AdapterParent | None = Field(None, description="the version this one was trained from, if any")
+    lineage: list[str] = Field(default_factory=list,
+                               description=f"ids of its ancestors, nearest first (at most {MAX_LINEAGE})")
 
     @classmethod
-    def of(cls, row: Adapter, aliases: list[str] | None = None) -> "AdapterPublic":
-        """Render an Adapter row."""
+    def of(cls, row: Adapter, aliases: list[str] | None = None, *, parent: Adapter | None = None,
+           lineage: list[str] | None = None) -> "AdapterPublic":
+        """Render an Adapter row; `parent` is the row of `row.parent_id` where it is still there."""
+        shown = AdapterParent(id=row.parent_id, fine_tuned_model=getattr(parent, "fine_tuned_model", None),
+                              name=getattr(parent, "name", None),
+                              version=getattr(parent, "version", None)) if row.parent_id else None
         return cls(
             id=row.id, name=row.name, version=row.version, fine_tuned_model=row.fine_tuned_model,
             base_model=row.base_model, method=row.method, techniques=row.techniques or {}, rank=row.rank,
@@ -48,7 +65,7 @@ class AdapterPublic(BaseModel):
             trainable_share=row.trainable_params / row.base_params if row.base_params else None, bytes=row.bytes,
             sha256=row.sha256, metrics=row.metrics or {},
             job_id=row.job_id, source=row.source, status=row.status, created_at=int(row.created_at),
-            aliases=sorted(aliases or []),
+            aliases=sorted(aliases or []), parent=shown, lineage=lineage or [],
         )
 
 

@@ -10,8 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from core.models import Checkpoint, Job, JobEvent
 from core.schemas.bounds import ObjectId
+from core.schemas.common import FieldProblems
 from core.schemas.peft_methods import RANKED_METHODS
-from core.schemas.training import Hyperparameters, PeftConfigSpec, ResolvedTraining
+from core.schemas.training import (
+    DpoHyperparameters,
+    Hyperparameters,
+    PeftConfigSpec,
+    ResolvedTraining,
+    TrainingMethod,
+)
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -33,12 +40,27 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
-class MethodSpec(BaseModel):
-    """`method`: only supervised fine-tuning for now."""
+class DpoMethod(BaseModel):
+    """`method.dpo`: Direct Preference Optimization on a preference file."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    type: Literal["supervised"]
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class MethodSpec(BaseModel):
+    """`method`, in OpenAI's shape: `supervised` fine-tuning or `dpo` (preference) tuning."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["supervised", "dpo"]
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _object_of_its_type(self) -> "MethodSpec":
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise FieldProblems([(other, f"applies only to method type '{other}', not '{self.type}'")])
+        return self
 
 
 class JobCreate(BaseModel):
@@ -46,7 +68,9 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=256,
+                       description="a base model id, or one of the team's fine-tuned models to continue from "
+                                   "(ft:... name, adapter id, name, name@version or name:alias), as inference takes")
     training_file: ObjectId
     validation_file: ObjectId | None = None
     hyperparameters: Hyperparameters | None = None
@@ -81,12 +105,24 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_hyperparameter_source(self) -> "JobCreate":
+        if self.hyperparameters is not None and self.method and self.method.type == "dpo":
+            raise FieldProblems([("hyperparameters", "a dpo job takes its hyperparameters in "
+                                  "method.dpo.hyperparameters")])
         if self.hyperparameters is not None and self.method and self.method.supervised:
             raise ValueError("give hyperparameters either at the top level or in method.supervised, not both")
         return self
 
+    @property
+    def method_type(self) -> TrainingMethod:
+        """`supervised` (also when `method` is left out) or `dpo`."""
+        return self.method.type if self.method else "supervised"
+
     def chosen_hyperparameters(self) -> Hyperparameters:
         """The hyperparameters from whichever form the client used."""
+        if self.method and self.method.dpo:
+            return self.method.dpo.hyperparameters
+        if self.method and self.method.type == "dpo":
+            return DpoHyperparameters()
         if self.method and self.method.supervised:
             return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()
@@ -115,6 +151,21 @@ def public_training(resolved: dict, spec_peft: dict) -> tuple[dict[str, Any], di
     return hyper, peft
 
 
+def public_method(resolved: dict, spec: dict, hyper: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method` object of a job: its type and its (resolved) hyperparameters."""
+    kind = resolved.get("method") or (spec.get("method") or {}).get("type") or "supervised"
+    if kind == "dpo":
+        spec_beta = (((spec.get("method") or {}).get("dpo") or {}).get("hyperparameters") or {}).get("beta", "auto")
+        hyper = {**hyper, "beta": resolved.get("beta") or spec_beta}
+    return {"type": kind, kind: {"hyperparameters": hyper}}
+
+
+def public_start_adapter(resolved: dict) -> dict[str, Any] | None:
+    """The adapter a job continues from, as clients see it (no storage key), or None."""
+    start = resolved.get("start_adapter")
+    return {k: start[k] for k in ("id", "fine_tuned_model", "name", "version", "method")} if start else None
+
+
 class JobPreview(BaseModel):
     """`POST /v1/fine_tuning/jobs?dry_run=true`: what the job would train with, without creating it."""
 
@@ -127,15 +178,17 @@ class JobPreview(BaseModel):
     method: dict[str, Any]
     peft: dict[str, Any]
     expected_steps: int | None
+    start_adapter: dict[str, Any] | None = Field(None, description="the adapter the job would continue from")
 
     @classmethod
     def of(cls, body: "JobCreate", resolved: ResolvedTraining, n_examples: int) -> "JobPreview":
         """The preview of a validated request and its resolution."""
-        hyper, peft = public_training(resolved.model_dump(mode="json"), {})
+        shown = resolved.model_dump(mode="json")
+        hyper, peft = public_training(shown, {})
         return cls(model=body.model, training_file=body.training_file, validation_file=body.validation_file,
                    training_examples=n_examples, hyperparameters=hyper,
-                   method={"type": "supervised", "supervised": {"hyperparameters": hyper}}, peft=peft,
-                   expected_steps=resolved.expected_steps)
+                   method=public_method(shown, {}, hyper), peft=peft,
+                   expected_steps=resolved.expected_steps, start_adapter=public_start_adapter(shown))
 
 
 class JobPublic(BaseModel):
@@ -162,14 +215,16 @@ class JobPublic(BaseModel):
     integrations: list[Any] = []
     method: dict[str, Any]
     peft: dict[str, Any]
+    start_adapter: dict[str, Any] | None = Field(
+        None, description="the fine-tuned model the job continues from, when its `model` named one")
 
     @classmethod
     def of(cls, row: Job) -> "JobPublic":
-        """Render a Job row."""
+        """Render a Job row; `model` is what the client sent (the row keeps the base model id)."""
         hyper, peft = public_training(row.resolved or {}, row.spec.get("peft") or {})
         return cls(
             id=row.id,
-            model=row.model,
+            model=row.spec.get("model") or row.model,
             created_at=int(row.created_at),
             finished_at=int(row.finished_at) if row.finished_at else None,
             fine_tuned_model=row.fine_tuned_model,
@@ -185,8 +240,9 @@ class JobPublic(BaseModel):
             suffix=row.suffix,
             metadata=row.user_metadata,
             estimated_finish=int(row.estimated_finish) if row.estimated_finish else None,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+            method=public_method(row.resolved or {}, row.spec, hyper),
             peft=peft,
+            start_adapter=public_start_adapter(row.resolved or {}),
         )
 
 

@@ -27,6 +27,10 @@ from core.schemas.peft_methods import (
 Auto = Literal["auto"]
 Quantization = Literal["nf4-dq", "nf4", "none"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+TrainingMethod = Literal["supervised", "dpo"]
+
+DEFAULT_DPO_BETA = 0.1
+"""DPO's beta when `"auto"`: the usual choice (DPO paper, TRL); lower trusts the preferences more."""
 
 BASE_LEARNING_RATE = 2e-4
 """The learning rate that `learning_rate_multiplier=1` means for the LoRA family."""
@@ -51,6 +55,12 @@ class Hyperparameters(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> "Hyperparameters":
+        problems = self._range_problems()
+        if problems:
+            raise FieldProblems(problems)  # named relative to this object: the error edge adds its path
+        return self
+
+    def _range_problems(self) -> list[tuple[str, str]]:
         problems = []
         if isinstance(self.n_epochs, int) and not 1 <= self.n_epochs <= 50:
             problems.append(("n_epochs", "n_epochs must be between 1 and 50"))
@@ -60,9 +70,20 @@ class Hyperparameters(BaseModel):
             0 < self.learning_rate_multiplier <= 100
         ):
             problems.append(("learning_rate_multiplier", "learning_rate_multiplier must be in (0, 100]"))
-        if problems:
-            raise FieldProblems(problems)  # named relative to this object: the error edge adds its path
-        return self
+        return problems
+
+
+class DpoHyperparameters(Hyperparameters):
+    """`method.dpo.hyperparameters`: OpenAI's, plus DPO's `beta`."""
+
+    beta: float | Auto = Field("auto", description="strength of the pull towards the reference model; "
+                               f"auto = {DEFAULT_DPO_BETA}")
+
+    def _range_problems(self) -> list[tuple[str, str]]:
+        problems = super()._range_problems()
+        if isinstance(self.beta, float | int) and not 0 < self.beta <= 10:
+            problems.append(("beta", "beta must be in (0, 10]"))
+        return problems
 
 
 class PeftConfigSpec(BaseModel):
@@ -174,6 +195,18 @@ def _sparse_problems(sparse: SparseSpec, quantized: bool) -> list[tuple[str, str
     return problems
 
 
+class StartAdapter(BaseModel):
+    """The team's adapter version a job continues from (its `model` named it): where its weights are stored."""
+
+    id: str
+    fine_tuned_model: str | None
+    name: str
+    version: int
+    storage_key: str
+    sha256: str
+    method: str
+
+
 class ResolvedTraining(BaseModel):
     """Everything the worker needs to train, with no `"auto"` left (the method's own object filled in)."""
 
@@ -186,6 +219,11 @@ class ResolvedTraining(BaseModel):
     quantization: Quantization
     lora_alpha: float
     expected_steps: int | None = None  # optimizer steps if no example is dropped
+    method: TrainingMethod = "supervised"
+    beta: float | None = None
+    """DPO's beta (dpo jobs only)."""
+    start_adapter: StartAdapter | None = None
+    """The adapter whose weights training starts from (a job whose `model` named a fine-tuned model)."""
 
 
 def resolved_quantization(spec: PeftConfigSpec) -> Quantization:
@@ -194,9 +232,12 @@ def resolved_quantization(spec: PeftConfigSpec) -> Quantization:
 
 
 def resolve_training(
-    hyper: Hyperparameters, peft: PeftConfigSpec, n_examples: int, seed: int
+    hyper: Hyperparameters, peft: PeftConfigSpec, n_examples: int, seed: int, method: TrainingMethod = "supervised"
 ) -> ResolvedTraining:
-    """Turn every `"auto"` into a number chosen from the dataset size, and fill the method's defaults."""
+    """Turn every `"auto"` into a number chosen from the dataset size, and fill the method's defaults.
+
+    For a dpo job `n_examples` counts pairs, and `hyper` is its `DpoHyperparameters`.
+    """
     n = max(1, n_examples)
     if hyper.n_epochs == "auto":
         # Aim for 100..25000 examples seen, three passes where that fits.
@@ -226,7 +267,14 @@ def resolve_training(
         quantization=resolved_quantization(peft),
         lora_alpha=peft.alpha or 2.0 * peft.r,
         expected_steps=steps,
+        method=method,
+        beta=_resolved_beta(hyper) if method == "dpo" else None,
     )
+
+
+def _resolved_beta(hyper: Hyperparameters) -> float:
+    beta = getattr(hyper, "beta", "auto")
+    return DEFAULT_DPO_BETA if beta == "auto" else float(beta)
 
 
 def _with_method_defaults(peft: PeftConfigSpec, steps: int) -> PeftConfigSpec:

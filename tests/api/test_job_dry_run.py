@@ -38,20 +38,29 @@ def test_every_bad_field_is_listed_at_once_schema_problems_first(api):
     assert error["param"] == error["errors"][0]["param"] and all(p["message"] for p in error["errors"])
 
 
-def test_unknown_model_and_unusable_files_are_reported_together(api):
+def test_unusable_files_are_reported_together(api):
     bad_file = upload(api, b"{oops\n").json()["id"]
-    response = create(api, model="no-such-model", training_file=bad_file, validation_file="file-missing")
+    response = create(api, model="tiny-llama", training_file=bad_file, validation_file="file-missing")
     assert response.status_code == 400
     error = response.json()["error"]
     assert [(p["param"], p["code"]) for p in error["errors"]] == [
-        ("model", "model_not_found"), ("training_file", "file_not_processed"), ("validation_file", "file_not_found")]
-    assert error["param"] == "model" and "3 problem(s)" in error["message"]
+        ("training_file", "file_not_processed"), ("validation_file", "file_not_found")]
+    assert error["param"] == "training_file" and "2 problem(s)" in error["message"]
+
+
+def test_an_unknown_model_is_404_before_the_files_are_looked_at(api):
+    bad_file = upload(api, b"{oops\n").json()["id"]
+    for answer in (create(api, model="no-such-model", training_file=bad_file),
+                   dry_run(api, model="no-such-model", training_file=bad_file)):
+        error = answer.json()["error"]
+        assert answer.status_code == 404 and error["param"] == "model" and error["code"] == "model_not_found"
 
 
 def test_a_single_problem_keeps_the_plain_error_shape(api):
-    response = create(api, model="no-such-model", training_file=upload(api, to_jsonl(chat_lines(2))).json()["id"])
+    response = create(api, model="tiny-llama", training_file="file-missing")
     error = response.json()["error"]
-    assert response.status_code == 400 and error["param"] == "model" and error["code"] == "model_not_found"
+    assert response.status_code == 400 and error["param"] == "training_file" and error["code"] == "file_not_found"
+    assert "errors" not in error
 
 
 def test_hyperparameter_problems_name_their_field_in_either_form(api):

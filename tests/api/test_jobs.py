@@ -103,8 +103,14 @@ def test_each_method_gets_its_defaults_filled(api, training_file, peft, filled):
             assert shown[key] == value
 
 
+def test_an_unknown_model_is_404_naming_model(api, training_file):
+    response = create(api, model="nope", training_file=training_file)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found") and "tiny-llama" in error["message"]
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"model": "nope"}, "model"),
     ({"training_file": "file-missing"}, "training_file"),
     ({"validation_file": "file-missing"}, "validation_file"),
     ({"suffix": "x" * 65}, "suffix"),
@@ -119,7 +125,7 @@ def test_each_method_gets_its_defaults_filled(api, training_file, peft, filled):
     ({"peft": {"method": "lora", "sparse": {"kind": "bitfit", "density": 0.5}}}, "peft.sparse.density"),
     ({"peft": {"method": "lora", "layer_drop": 1.0}}, "peft.layer_drop"),
     ({"peft": {"method": "prefix_tuning", "gradient_checkpointing": True}}, "peft.gradient_checkpointing"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "dpo"}}, "training_file"),  # a chat file: dpo needs preference examples
     ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
 ])
 def test_bad_specs_are_400_naming_the_field(api, training_file, body, param):

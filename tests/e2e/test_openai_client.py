@@ -51,9 +51,9 @@ def test_openai_sdk_files_and_fine_tuning_jobs(tmp_path, postgres_url, redis_url
 
         with pytest.raises(openai.NotFoundError):
             client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
-        with pytest.raises(openai.BadRequestError) as bad:
+        with pytest.raises(openai.NotFoundError) as unknown:
             client.fine_tuning.jobs.create(model="no-such-model", training_file=uploaded.id)
-        assert bad.value.body["param"] == "model"
+        assert unknown.value.body["param"] == "model" and unknown.value.body["code"] == "model_not_found"
         assert client.models.delete(finished.fine_tuned_model).deleted is True
         assert client.files.delete(uploaded.id).deleted is True
         with pytest.raises(openai.NotFoundError):

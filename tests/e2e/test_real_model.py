@@ -13,6 +13,7 @@ import pytest
 
 from demo.dataset import DATA_DIR
 from tests.support.adapters import save_peft_lora, tar_gz
+from tests.support.datasets import preference_lines, to_jsonl
 from tests.support.services import REPO_ROOT, free_port, make_stack, wait_for_status
 
 pytestmark = pytest.mark.slow
@@ -64,9 +65,10 @@ def test_every_readme_curl_example_works(real_stack, smollm2_dir, tmp_path):
     (tmp_path / "my-peft-adapter.tar.gz").write_bytes(tar_gz(adapter))
     env = {**os.environ, "PB": real_stack.base_url, "KEY": real_stack.key}
     blocks = readme_examples()
-    assert set(blocks) == {"files", "jobs", "adapters", "health", "admin"}
+    (tmp_path / "pairs.jsonl").write_bytes(to_jsonl(preference_lines(16)))
+    assert set(blocks) == {"files", "jobs", "dpo", "adapters", "health", "admin"}
     ran = 0
-    for name in ("health", "files", "jobs", "adapters", "admin"):
+    for name in ("health", "files", "jobs", "adapters", "dpo", "admin"):
         if name == "jobs":  # the files block ended by deleting its upload
             env["FILE_ID"] = json.loads(run_example(blocks["files"][0], env, tmp_path))["id"]
         for index, command in enumerate(blocks[name]):
@@ -74,6 +76,8 @@ def test_every_readme_curl_example_works(real_stack, smollm2_dir, tmp_path):
             ran += 1
             if index == 0 and name in ("files", "jobs"):  # each block opens by creating what it uses
                 env["FILE_ID" if name == "files" else "JOB_ID"] = json.loads(output)["id"]
+            if name == "dpo" and index < 2:  # its upload, then its job
+                env["FILE_ID" if index == 0 else "JOB_ID"] = json.loads(output)["id"]
             if "stream=true" in command:
                 assert output.rstrip().endswith("data: [DONE]")
             if "/chat/completions" in command:

@@ -10,6 +10,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from core.workers import heartbeat_worker
+from tests.support.datasets import preference_lines, to_jsonl
 from tests.support.flows import FAST_QLORA, upload_with_curl, write_dataset
 from tests.support.services import all_events, make_stack, wait_for_status
 
@@ -67,8 +68,25 @@ def test_worker_killed_mid_training_resumes_from_a_checkpoint_on_s3(s3_stack, tm
     assert not [p for p in (s3_stack.data_dir / "storage").rglob("*") if p.is_file()]
 
 
-def _killed_worker_resumes(stack, tmp_path) -> None:
-    job_id = _create(stack, tmp_path, {**LONG_JOB, "max_steps": 300})
+def test_worker_killed_mid_dpo_resumes_from_its_checkpoint(fresh_postgres_url, redis_url, tiny_model_dir, tmp_path):
+    stack = make_stack(tmp_path, fresh_postgres_url, redis_url, tiny_model_dir)
+    try:
+        stack.start_api()
+        path = tmp_path / "pairs.jsonl"
+        path.write_bytes(to_jsonl(preference_lines(32)))
+        file_id = upload_with_curl(stack, path)["id"]
+        with stack.client() as client:
+            response = client.post("/v1/fine_tuning/jobs", json={
+                "model": "tiny-llama", "training_file": file_id, "seed": 3, "peft": {**LONG_JOB, "max_steps": 300},
+                "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 50, "batch_size": 4}}}})
+        assert response.status_code == 200, response.text
+        _killed_worker_resumes(stack, tmp_path, response.json()["id"])
+    finally:
+        stack.stop()
+
+
+def _killed_worker_resumes(stack, tmp_path, job_id: str | None = None) -> None:
+    job_id = job_id or _create(stack, tmp_path, {**LONG_JOB, "max_steps": 300})
     worker = stack.start_worker()
     with stack.client() as client:
         step = _wait_for_checkpoint(client, job_id)

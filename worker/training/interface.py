@@ -20,6 +20,9 @@ class TrainingJob:
     validation_examples: list[Example] | None
     config: ResolvedTraining
     work_dir: Path  # scratch folder, exists
+    start_adapter_dir: Path | None = None  # the fetched, verified folder of `config.start_adapter`
+    start_adapter_dir: Path | None = None
+    """The adapter a continuing job starts from (its artifact folder), or None for a fresh adapter."""
 
 
 class JobContext(Protocol):

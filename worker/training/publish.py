@@ -58,7 +58,10 @@ def write_metadata(adapter_dir: Path, *, job: Job, base: BaseModelRecord, files:
 
 def publish_adapter(session: Session, storage: Storage, *, job: Job, adapter_dir: Path,
                     metadata: AdapterMetadata) -> Adapter:
-    """Store the folder and add the registry version (the caller commits both with the job outcome)."""
+    """Store the folder and add the registry version (the caller commits both with the job outcome).
+
+    A job that continued a fine-tuned model records that version as the new one's parent.
+    """
     team = session.get(Team, job.team_id)
     adapter_id = new_id("adapter")
     key = f"adapters/{adapter_id}"
@@ -85,4 +88,5 @@ def publish_adapter(session: Session, storage: Storage, *, job: Job, adapter_dir
         metrics=metadata.metrics,
         status="ready",
         source="job",
+        parent_id=((job.resolved or {}).get("start_adapter") or {}).get("id"),
     )

@@ -136,6 +136,13 @@ class FineTuneRecipe:
             tokenizer=self.tokenizer, techniques=self.techniques,
         )
         self.method = self.loaded.method
+        if self.job.start_adapter_dir is not None:
+            self.method.load_adapter_weights(self.job.start_adapter_dir)
+            parent = self.config.start_adapter
+            named = (f"{parent.fine_tuned_model or parent.name} ({parent.id})" if parent
+                     else str(self.job.start_adapter_dir))
+            self.ctx.event(f"starting from the weights of {named}",
+                           data={"start_adapter": parent.id if parent else None})
         if spec.gradient_checkpointing and not gradient_checkpointing_applies(self.config):
             self.ctx.event(f"gradient checkpointing is off: method {spec.method} cannot use it", level="warning",
                            data={"gradient_checkpointing": False})
@@ -222,6 +229,7 @@ class FineTuneRecipe:
             param_names=self.param_names,
         )
         self.techniques.load_state(folder)
+        self._load_extra_state(folder)
         self.step = step
         self.resumed_from_step = step
         self.progress = _Progress(**progress)
@@ -300,18 +308,11 @@ class FineTuneRecipe:
         )
 
     def _train_step(self) -> tuple[float, int]:
-        """One optimizer step over this step's examples; returns (token-mean loss, real tokens)."""
+        """One optimizer step over this step's examples; returns (the step's loss, real tokens)."""
         epoch, index = divmod(self.step, self.steps_per_epoch)
         indices = self._epoch_batches(epoch)[index]
         self.techniques.begin_step(self.step)
-        rows = self._rows([self.train_data.examples[i] for i in indices])
-        n_labelled = sum(row.n_labelled for row in rows)
-        loss_sum = 0.0
-        for row in rows:
-            self._raise_if_stopped()
-            row_loss = self._row_loss_sum(row)
-            (row_loss / n_labelled).backward()
-            loss_sum += row_loss.item()
+        loss, n_tokens = self._accumulate_gradients(indices)
         regulariser = self.method.extra_loss()
         if regulariser is not None:
             regulariser.backward()
@@ -321,6 +322,18 @@ class FineTuneRecipe:
         self.method.after_optimizer_step(self.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss, n_tokens
+
+    def _accumulate_gradients(self, indices: list[int]) -> tuple[float, int]:
+        """Backpropagate the token-mean cross-entropy of these examples; returns (loss, real tokens)."""
+        rows = self._rows([self.train_data.examples[i] for i in indices])
+        n_labelled = sum(row.n_labelled for row in rows)
+        loss_sum = 0.0
+        for row in rows:
+            self._raise_if_stopped()
+            row_loss = self._row_loss_sum(row)
+            (row_loss / n_labelled).backward()
+            loss_sum += row_loss.item()
         return loss_sum / n_labelled, sum(row.n_real_tokens for row in rows)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -333,8 +346,17 @@ class FineTuneRecipe:
 
     def _row_loss_sum(self, row: Row) -> torch.Tensor:
         """Summed cross-entropy of a row's labelled positions; lm_head runs only on those."""
-        if self.method.prompt_learning:
-            return self._prompt_row_loss_sum(row)
+        logits, targets, _ = self._labelled_logits(row)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def _labelled_logits(self, row: Row, *, base_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the row's labelled positions, in row-major order, and their (B, L) mask.
+
+        `base_only` skips the prompt-learning forward (the decoder alone is then the base model);
+        other methods switch their adapter off with `method.adapter_disabled()`.
+        """
+        if self.method.prompt_learning and not base_only:
+            return self._prompt_labelled_logits(row)
         device = self.device.device
         kwargs = {}
         if row.segment_lengths is not None:
@@ -348,11 +370,10 @@ class FineTuneRecipe:
         ).last_hidden_state
         targets = row.targets.to(device)
         labelled = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[labelled])
-        return F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+        return self.lm_head(hidden[labelled]), targets[labelled], labelled
 
-    def _prompt_row_loss_sum(self, row: Row) -> torch.Tensor:
-        """The same loss through the peft model's forward, which adds the virtual tokens or prefix.
+    def _prompt_labelled_logits(self, row: Row) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same through the peft model's forward, which adds the virtual tokens or prefix.
 
         lm_head runs on the columns where some example of the micro-batch has a label (shifted past
         the virtual tokens that prompt/P-tuning prepend to the sequence).
@@ -367,7 +388,9 @@ class FineTuneRecipe:
         ).logits
         kept_targets = targets[:, columns]
         labelled = kept_targets != IGNORE_INDEX
-        return F.cross_entropy(logits[labelled].float(), kept_targets[labelled], reduction="sum")
+        full_mask = torch.zeros_like(targets, dtype=torch.bool)
+        full_mask[:, columns] = labelled
+        return logits[labelled], kept_targets[labelled], full_mask
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -420,9 +443,16 @@ class FineTuneRecipe:
         }
         try:
             self.techniques.save_state(folder)
+            self._save_extra_state(folder)
             self.ctx.save_checkpoint(self.step, folder, metrics)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _save_extra_state(self, folder: Path) -> None:
+        """What a recipe variant adds to a checkpoint (nothing here)."""
+
+    def _load_extra_state(self, folder: Path) -> None:
+        """Restore what `_save_extra_state` wrote."""
 
     def cleanup(self) -> None:
         """Free the model, optimizer and data, collect garbage and empty the CUDA cache. Idempotent."""
@@ -462,8 +492,13 @@ def _fmt(value: float | None) -> str:
 
 
 def run_training(job: TrainingJob, ctx: JobContext) -> TrainResult:
-    """Set up, train and clean up one job; raises TrainingStopped if the context asks to stop."""
-    recipe = FineTuneRecipe(job, ctx)
+    """Set up, train and clean up one job (supervised or DPO); raises TrainingStopped if the context asks to stop."""
+    if job.config.method == "dpo":
+        from worker.training.dpo_recipe import DpoRecipe
+
+        recipe: FineTuneRecipe = DpoRecipe(job, ctx)
+    else:
+        recipe = FineTuneRecipe(job, ctx)
     try:
         recipe.setup()
         return recipe.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -61,6 +62,14 @@ class AttachedMethod:
                 trainable += n
         return trainable, total
 
+    def adapter_disabled(self) -> AbstractContextManager:
+        """A context in which the model computes as its base would (DPO's reference model).
+
+        The default suits methods whose freshly attached adapter is the identity (zero-initialised
+        output): before the first step, the model with the adapter on *is* the base.
+        """
+        return nullcontext()
+
     # ---- hooks into the training step (no-ops unless a method needs them) ----------------------
 
     def extra_loss(self) -> torch.Tensor | None:
@@ -78,6 +87,26 @@ class AttachedMethod:
     def save(self, folder: Path) -> Path:
         """Write the artifact (`adapter_config.json` + `adapter_model.safetensors`) into `folder`."""
         raise NotImplementedError
+
+    def load_adapter_weights(self, folder: Path) -> None:
+        """Start from the weights of a saved artifact of this method and shape (a job that continues one)."""
+        raise ValueError(f"method {self.name} cannot start from a saved adapter's weights")
+
+    def _check_artifact_fits(self, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+        """Refuse `saved` unless it has exactly the tensors (names, shapes) of this model's artifact, `expected`,
+        and those cover every trainable parameter."""
+        missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"the saved adapter does not fit this job's {self.name} model: {len(missing)} tensor(s) "
+                             f"missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+        for name, tensor in expected.items():
+            if saved[name].shape != tensor.shape:
+                raise ValueError(f"the saved adapter's {name} has shape {tuple(saved[name].shape)}, this job's "
+                                 f"model has {tuple(tensor.shape)}")
+        trained, held = sum(p.numel() for _, p in self.named_trainable()), sum(t.numel() for t in expected.values())
+        if trained != held:
+            raise ValueError(f"this job trains {trained} values, but the saved adapter holds {held}: the rest would "
+                             "start untrained")
 
     def save_state(self, folder: Path) -> None:
         """Write everything needed to resume exactly: trainable parameters and method state."""

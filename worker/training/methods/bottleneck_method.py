@@ -7,7 +7,11 @@ from pathlib import Path
 from torch import nn
 
 from worker.training.methods.base import AttachedMethod
-from worker.training.methods.bottleneck_module import BottleneckAdapters, save_bottleneck_adapters
+from worker.training.methods.bottleneck_module import (
+    BottleneckAdapters,
+    read_matching_weights,
+    save_bottleneck_adapters,
+)
 
 
 class BottleneckMethod(AttachedMethod):
@@ -20,3 +24,9 @@ class BottleneckMethod(AttachedMethod):
     def save(self, folder: Path) -> Path:
         """`adapter_config.json` (format patchbay.bottleneck/v1) and `adapter_model.safetensors`."""
         return save_bottleneck_adapters(self.adapters, folder)
+
+    def load_adapter_weights(self, folder: Path) -> None:
+        """Copy a saved artifact of the same config into the adapters (refuses any other)."""
+        saved = read_matching_weights(self.adapters, Path(folder))
+        self._check_artifact_fits(saved, self.adapters.state_dict())
+        self.adapters.load_state_dict(saved, strict=True)

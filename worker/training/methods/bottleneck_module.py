@@ -7,6 +7,7 @@ precision) stay untouched. `up` starts at zero, so an untrained adapter is the i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -141,6 +142,14 @@ def config_for_model(
 def save_bottleneck_adapters(adapters: BottleneckAdapters, folder: Path) -> Path:
     """Write the adapters' artifact (`adapter_config.json`, `adapter_model.safetensors`) into `folder`; return it."""
     return write_bottleneck_folder(folder, adapters.config, adapters.state_dict())
+
+
+def read_matching_weights(adapters: BottleneckAdapters, folder: Path) -> dict[str, torch.Tensor]:
+    """The weights saved in `folder`, refused unless their config is that of `adapters` (base path aside)."""
+    config, tensors = read_bottleneck_folder(folder)
+    if replace(config, base_model_name_or_path="") != replace(adapters.config, base_model_name_or_path=""):
+        raise BottleneckFormatError(f"the saved adapter is {config}, this job's is {adapters.config}")
+    return tensors
 
 
 def load_bottleneck_adapters(

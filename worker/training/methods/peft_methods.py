@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PeftType
+from peft import PeftModel, PeftType, get_peft_model_state_dict, set_peft_model_state_dict
 
+from worker.formats.files import read_safetensors
 from worker.formats.peft_artifact import write_peft_artifact
 from worker.training.methods.base import AttachedMethod
 
@@ -25,9 +27,28 @@ class PeftMethod(AttachedMethod):
         if peft_config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
             self.virtual_tokens_in_logits = peft_config.num_virtual_tokens
 
+    def adapter_disabled(self) -> AbstractContextManager:
+        """peft's own switch: every tuner layer (and any virtual tokens) off."""
+        return self.model.disable_adapter()
+
     def save(self, folder: Path) -> Path:
         """What peft's `save_pretrained(safe_serialization=True)` writes (`worker.formats.peft_artifact`)."""
         return write_peft_artifact(self.model, folder)
+
+    def load_adapter_weights(self, folder: Path) -> None:
+        """Load a saved artifact's `adapter_model.safetensors` with peft's `set_peft_model_state_dict`.
+
+        Refused unless it holds exactly the tensors this model saves, shape for shape, covering every
+        trainable parameter, and the model saves them back unchanged once loaded.
+        """
+        saved = read_safetensors(Path(folder))
+        self._check_artifact_fits(saved, get_peft_model_state_dict(self.model, adapter_name=ADAPTER))
+        set_peft_model_state_dict(self.model, saved, adapter_name=ADAPTER)
+        loaded = get_peft_model_state_dict(self.model, adapter_name=ADAPTER)
+        differ = [name for name, tensor in saved.items()
+                  if not torch.equal(loaded[name], tensor.to(loaded[name].device, loaded[name].dtype))]
+        if differ:
+            raise ValueError(f"{len(differ)} saved tensor(s) did not load as saved, e.g. {differ[0]}")
 
 
 class AdaLoraMethod(PeftMethod):
@@ -59,6 +80,10 @@ class AdaLoraMethod(PeftMethod):
         if not norms:
             return None
         return weight * torch.stack(norms).mean()
+
+    def load_adapter_weights(self, folder: Path) -> None:
+        """Refused: the saved ranks are pruned to a pattern that a new budget schedule cannot restart from."""
+        raise ValueError("adalora cannot start from a saved adapter: its ranks were pruned to a per-module pattern")
 
     def after_optimizer_step(self, step: int) -> None:
         """Update the importance scores and mask the ranks over budget (peft's `update_and_allocate`)."""

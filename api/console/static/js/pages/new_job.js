@@ -91,6 +91,7 @@ export default {
 
     // The job's inputs: the base model and the team's processed files.
     const bases = models.data.filter((m) => !m.parent);
+    const adapters = models.data.filter((m) => m.parent);
     const processed = files.filter((f) => f.status === "processed" && f.purpose === "fine-tune");
     const wanted = ctx.query.get("training_file") || "";
     const fileOptions = processed.map((f) => [f.id, `${f.filename} (${f.id}, ${f.n_examples} examples)`]);
@@ -98,8 +99,13 @@ export default {
     if (wanted && !processed.some((f) => f.id === wanted)) trainingOptions.push([wanted, `${wanted} (not processed)`]);
     const jobProps = schemas.JobCreate.properties;
     const inputs = h("fieldset", {}, h("legend", {}, "Job"), h("div", {class: "fields"},
-      choiceField("model", "Base model", bases.length ? bases.map((m) => [m.id, m.id]) : [["", "No base models registered"]],
-        {hint: bases.length ? null : "An admin registers one with: patchbay models add <id> <folder>"}),
+      choiceField("model", "Base model", bases.length
+        ? [...bases.map((m) => [m.id, m.id]), ...adapters.map((m) => [m.id, `continue from ${m.id}`])]
+        : [["", "No base models registered"]],
+        {hint: bases.length ? "A fine-tuned model continues from its weights, with its method and shape."
+          : "An admin registers one with: patchbay models add <id> <folder>"}),
+      choiceField("method.type", "Training method",
+        [["supervised", "supervised (examples)"], ["dpo", "DPO (preference pairs)"]]),
       choiceField("training_file", "Training file", trainingOptions, {selected: wanted,
         hint: processed.length ? null : "Upload a dataset on the Datasets page first."}),
       choiceField("validation_file", "Validation file", [["", "none"], ...fileOptions]),
@@ -107,8 +113,11 @@ export default {
       schemaField("seed", jobProps.seed, {label: "Seed"})));
 
     const hyperProps = schemas.Hyperparameters.properties;
+    const betaField = schemaField("method.dpo.hyperparameters.beta", schemas.DpoHyperparameters.properties.beta,
+      {label: "Beta (DPO)"});
+    betaField.dataset.methodTypes = "dpo";
     const hyper = h("fieldset", {}, h("legend", {}, "Hyperparameters"), h("div", {class: "fields"},
-      Object.entries(hyperProps).map(([name, prop]) => schemaField(`hyperparameters.${name}`, prop))));
+      Object.entries(hyperProps).map(([name, prop]) => schemaField(`hyperparameters.${name}`, prop)), betaField));
 
     // The method, its own parameters, the techniques and the recipe, from PeftConfigSpec.
     const peftProps = schemas.PeftConfigSpec.properties;
@@ -182,6 +191,8 @@ export default {
       const sparseKind = sparseEntry ? sparseEntry.control.value : "";
       for (const el of form.querySelectorAll("[data-methods]")) el.hidden = !el.dataset.methods.split(" ").includes(method);
       for (const el of form.querySelectorAll("[data-sparse-kinds]")) el.hidden = !el.dataset.sparseKinds.split(" ").includes(sparseKind);
+      const methodType = byName("method.type").control.value;
+      for (const el of form.querySelectorAll("[data-method-types]")) el.hidden = !el.dataset.methodTypes.split(" ").includes(methodType);
     }
 
     /** The request body: every visible control that holds a value, and the metadata pairs. */
@@ -202,6 +213,14 @@ export default {
         any = true;
       }
       if (any) out.metadata = pairs;
+      // A DPO job takes every hyperparameter inside OpenAI's method object; supervised keeps the top-level form.
+      if (out.method && out.method.type === "dpo") {
+        const dpo = out.method.dpo || {};
+        out.method.dpo = {...dpo, hyperparameters: {...(out.hyperparameters || {}), ...(dpo.hyperparameters || {})}};
+        delete out.hyperparameters;
+      } else {
+        delete out.method;
+      }
       return out;
     }
 
@@ -214,6 +233,7 @@ export default {
     /** The visible field a problem's param names: itself, the nearest enclosing field, or a child its message names. */
     function fieldFor(param, message) {
       if (!param) return null;
+      param = param.replace(/^method\.dpo\.hyperparameters\.(?!beta$)/, "hyperparameters.");  // DPO's share the fields
       const visible = (name) => form.querySelector(`.field[data-field="${CSS.escape(name)}"]:not([hidden])`);
       const parts = param.split(".");
       for (let n = parts.length; n > 0; n -= 1) {

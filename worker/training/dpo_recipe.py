@@ -1,0 +1,203 @@
+"""Direct Preference Optimization: the fine-tuning recipe's lifecycle, with a pairwise loss.
+
+For a pair (x, chosen, rejected), with log-probabilities summed over each answer's tokens,
+    reward(y) = beta * (log pi(y|x) - log pi_ref(y|x))
+    loss      = -log sigmoid(reward(chosen) - reward(rejected)).
+
+The reference is the model as the job starts: the base with the adapter switched off, or the
+starting adapter (frozen) for a job that continues from one. Its log-probabilities are computed
+once, before the first step, for every training and validation pair, so no second copy of the model
+is ever in memory; they travel in each checkpoint, so a resumed job compares against the same
+reference exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from core.datasets import Example
+from worker.training.data import IGNORE_INDEX
+from worker.training.model import evaluation_mode
+from worker.training.pairs import PairRow, TokenizedPairs, pair_rows, tokenize_pairs
+from worker.training.recipe import FineTuneRecipe
+
+REFERENCE_FILE = "dpo_reference.safetensors"
+"""Checkpoint file with the reference log-probabilities, (pairs, 2) per split: chosen, rejected."""
+
+
+def dpo_statistics(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Per-pair loss, rewards and margin from (pairs, 2) summed log-probabilities (chosen, rejected)."""
+    rewards = beta * (policy - reference)
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {"loss": -F.logsigmoid(margin), "chosen": rewards[:, 0], "rejected": rewards[:, 1], "margin": margin}
+
+
+class _Totals:
+    """Sums of the per-pair statistics over a step or a validation pass."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+        self.sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "margin": 0.0, "accuracy": 0.0}
+        self.chosen_logp = self.chosen_tokens = 0.0
+
+    def add(self, stats: dict[str, torch.Tensor], policy: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.pairs += len(stats["margin"])
+        for name in ("loss", "chosen", "rejected", "margin"):
+            self.sums[name] += stats[name].detach().sum().item()
+        self.sums["accuracy"] += (stats["margin"].detach() > 0).sum().item()
+        self.chosen_logp += policy[:, 0].detach().sum().item()
+        self.chosen_tokens += tokens[:, 0].sum().item()
+
+    def means(self, prefix: str) -> dict[str, float]:
+        """`{prefix}loss`, `{prefix}rewards_chosen`, ..., `{prefix}reward_accuracy`, `{prefix}chosen_loss`.
+
+        `chosen_loss` is the supervised loss of the chosen answers (token-mean cross-entropy).
+        """
+        n = max(self.pairs, 1)
+        m = {name: value / n for name, value in self.sums.items()}
+        return {f"{prefix}loss": m["loss"], f"{prefix}rewards_chosen": m["chosen"],
+                f"{prefix}rewards_rejected": m["rejected"], f"{prefix}reward_margin": m["margin"],
+                f"{prefix}reward_accuracy": m["accuracy"],
+                f"{prefix}chosen_loss": -self.chosen_logp / max(self.chosen_tokens, 1)}
+
+
+class DpoRecipe(FineTuneRecipe):
+    """DPO on preference pairs, with any `peft.method`; `train_loss` is the DPO loss."""
+
+    def setup(self) -> None:
+        """The supervised setup on pairs, then the reference log-probabilities (unless resumed with them)."""
+        self.reference: dict[str, torch.Tensor] = {}
+        self.step_stats: dict[str, float] = {}
+        self.valid_stats: dict[str, float] = {}
+        super().setup()
+        self.ctx.event(
+            f"DPO with beta {self.config.beta}: "
+            + ("pairs packed, each sequence in its own attention segment" if self.config.peft.packing
+               else "pairs in padded micro-batches (packing is off)"),
+            data={"beta": self.config.beta, "packing": bool(self.config.peft.packing)},
+        )
+        if "train" not in self.reference:
+            starting = self.job.start_adapter_dir is not None
+            self.reference["train"] = self._reference_logps(self.train_data, through_adapter=starting)
+            if self.valid_data is not None and self.valid_data.examples:
+                self.reference["valid"] = self._reference_logps(self.valid_data, through_adapter=starting)
+            self.ctx.event("reference log-probabilities computed from "
+                           + ("the starting adapter" if starting else "the base model (adapter off)"),
+                           data={"reference": "start_adapter" if starting else "base"})
+
+    def _tokenize(self, examples: list[Example]) -> TokenizedPairs:
+        return tokenize_pairs(examples, self.tokenizer, max_seq_length=self.config.peft.max_seq_length)
+
+    def _report_truncation(self) -> None:
+        data = {"truncated_pairs": self.train_data.n_truncated, "dropped_pairs": self.train_data.n_dropped,
+                "max_seq_length": self.config.peft.max_seq_length}
+        message = (f"{self.train_data.n_truncated} of {len(self.job.training_examples)} preference pairs were "
+                   f"longer than {self.config.peft.max_seq_length} tokens: their prompts were truncated from the left")
+        if self.train_data.n_dropped:
+            message += f"; {self.train_data.n_dropped} had no answer token left and were skipped"
+        if self.valid_data is not None:
+            data["validation_truncated_pairs"] = self.valid_data.n_truncated
+        level = "warning" if self.train_data.n_truncated or self.train_data.n_dropped else "info"
+        self.ctx.event(message, level=level, data=data)
+
+    def _validation_rows(self) -> list[list[PairRow]]:
+        if self.valid_data is None or not self.valid_data.examples:
+            return []
+        return [self._pair_rows(self.valid_data, list(range(start, min(start + self.config.batch_size,
+                                                                       len(self.valid_data.examples)))))
+                for start in range(0, len(self.valid_data.examples), self.config.batch_size)]
+
+    def _pair_rows(self, data: TokenizedPairs, indices: list[int]) -> list[PairRow]:
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return pair_rows([data.examples[i] for i in indices], indices, packing=bool(self.config.peft.packing),
+                         row_token_cap=self.row_token_cap, pad_id=pad_id)
+
+    # ---- log-probabilities ---------------------------------------------------------------------
+
+    def _sequence_logps(self, pair_row: PairRow, *, base_only: bool = False) -> torch.Tensor:
+        """(pairs, 2) summed log-probabilities of each pair's chosen and rejected answer."""
+        logits, targets, labelled = self._labelled_logits(pair_row.row, base_only=base_only)
+        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+        sequence = pair_row.sequence_index().to(token_logps.device)[labelled]
+        sums = torch.zeros(2 * len(pair_row.pair_ids), device=token_logps.device, dtype=token_logps.dtype)
+        return sums.index_add(0, sequence, token_logps).view(-1, 2)
+
+    @staticmethod
+    def _answer_tokens(pair_row: PairRow) -> torch.Tensor:
+        """(pairs, 2) labelled tokens of each chosen and rejected answer."""
+        labelled = pair_row.row.targets != IGNORE_INDEX
+        counts = torch.zeros(2 * len(pair_row.pair_ids))
+        return counts.index_add(0, pair_row.sequence_index()[labelled], torch.ones(int(labelled.sum()))).view(-1, 2)
+
+    @torch.no_grad()
+    def _reference_logps(self, data: TokenizedPairs, *, through_adapter: bool) -> torch.Tensor:
+        """The reference's (pairs, 2) log-probabilities, in eval mode (dropout off), on the CPU."""
+        out = torch.zeros(len(data.examples), 2)
+        indices = list(range(len(data.examples)))
+        with evaluation_mode(self.loaded.model):
+            for start in range(0, len(indices), self.config.batch_size):
+                for pair_row in self._pair_rows(data, indices[start:start + self.config.batch_size]):
+                    self._raise_if_stopped()
+                    if through_adapter:
+                        logps = self._sequence_logps(pair_row)
+                    else:
+                        with self.method.adapter_disabled():
+                            logps = self._sequence_logps(pair_row, base_only=True)
+                    out[pair_row.pair_ids] = logps.float().cpu()
+        return out
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def _accumulate_gradients(self, indices: list[int]) -> tuple[float, int]:
+        """Backpropagate the mean DPO loss of these pairs; returns (loss, real tokens)."""
+        totals = _Totals()
+        n_tokens = 0
+        reference = self.reference["train"]
+        for pair_row in self._pair_rows(self.train_data, indices):
+            self._raise_if_stopped()
+            policy = self._sequence_logps(pair_row)
+            stats = dpo_statistics(policy, reference[pair_row.pair_ids].to(policy.device), self.config.beta)
+            (stats["loss"].sum() / len(indices)).backward()
+            totals.add(stats, policy, self._answer_tokens(pair_row))
+            n_tokens += pair_row.row.n_real_tokens
+        self.step_stats = totals.means("")
+        return self.step_stats["loss"], n_tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The validation pairs' mean DPO loss (their rewards, margin and accuracy go to `valid_stats`)."""
+        totals = _Totals()
+        reference = self.reference["valid"]
+        with evaluation_mode(self.loaded.model):
+            for rows in self.valid_rows:
+                for pair_row in rows:
+                    self._raise_if_stopped()
+                    policy = self._sequence_logps(pair_row)
+                    totals.add(dpo_statistics(policy, reference[pair_row.pair_ids].to(policy.device),
+                                              self.config.beta), policy, self._answer_tokens(pair_row))
+        self.valid_stats = totals.means("valid_")
+        return self.valid_stats["valid_loss"]
+
+    def _metrics(self, train_loss, valid_loss, learning_rate, clock) -> dict:
+        metrics = super()._metrics(train_loss, valid_loss, learning_rate, clock)
+        metrics["dpo_loss"] = train_loss
+        metrics.update({k: v for k, v in self.step_stats.items() if k != "loss"})
+        if valid_loss is not None:
+            metrics.update(self.valid_stats)
+        return metrics
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def _save_extra_state(self, folder: Path) -> None:
+        save_file({split: logps.contiguous() for split, logps in self.reference.items()}, Path(folder) / REFERENCE_FILE)
+
+    def _load_extra_state(self, folder: Path) -> None:
+        path = Path(folder) / REFERENCE_FILE
+        if not path.is_file():
+            raise ValueError("the checkpoint holds no DPO reference log-probabilities")
+        self.reference = dict(load_file(path))
