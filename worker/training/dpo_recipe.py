@@ -121,8 +121,7 @@ class DpoRecipe(FineTuneRecipe):
 
     def _sequence_logps(self, pair_row: PairRow, *, base_only: bool = False) -> torch.Tensor:
         """(pairs, 2) summed log-probabilities of each pair's chosen and rejected answer."""
-        logits, targets, labelled = self._labelled_logits(pair_row.row, base_only=base_only)
-        token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+        token_logps, labelled = self._labelled_token_logps(pair_row.row, base_only=base_only)
         sequence = pair_row.sequence_index().to(token_logps.device)[labelled]
         sums = torch.zeros(2 * len(pair_row.pair_ids), device=token_logps.device, dtype=token_logps.dtype)
         return sums.index_add(0, sequence, token_logps).view(-1, 2)

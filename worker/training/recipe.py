@@ -22,6 +22,7 @@ from worker.base_loading import load_tokenizer
 from worker.device import choose_device
 from worker.training.artifacts import probe_record
 from worker.training.checkpoint import load_training_checkpoint, save_training_checkpoint
+from worker.training.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_token_logps
 from worker.training.data import (
     IGNORE_INDEX,
     Row,
@@ -47,6 +48,8 @@ MAX_GRAD_NORM = 1.0
 """Gradient clipping, as transformers' Trainer does by default."""
 METRICS_INTERVAL_S = 2.0
 """Emit metrics at least this often (at step granularity), and on the first and last step."""
+METRICS_POINTS = 20
+"""Emit metrics at least every total_steps / METRICS_POINTS steps too, so a quick job still draws a curve."""
 
 
 @dataclass
@@ -89,11 +92,14 @@ class FineTuneRecipe:
     the logits of the labelled positions only.
     """
 
-    def __init__(self, job: TrainingJob, ctx: JobContext, *, row_token_cap: int | None = None) -> None:
+    def __init__(self, job: TrainingJob, ctx: JobContext, *, row_token_cap: int | None = None,
+                 loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> None:
         self.job = job
         self.ctx = ctx
         self.config = job.config
         self.row_token_cap = row_token_cap or max(self.config.peft.max_seq_length, ROW_TOKEN_BUDGET)
+        self.loss_chunk_tokens = loss_chunk_tokens
+        """lm_head and the log-softmax run on this many labelled tokens at a time (None: all at once)."""
         self.step = 0
         self.resumed_from_step: int | None = None
         self.progress = _Progress()
@@ -263,7 +269,8 @@ class FineTuneRecipe:
                 self.progress.valid_loss = valid_loss
                 evaluated_at = self.step
             now = time.monotonic()
-            metrics_due = now - clock.last_metrics_at >= METRICS_INTERVAL_S
+            metrics_due = (now - clock.last_metrics_at >= METRICS_INTERVAL_S
+                           or self.step % max(1, self.total_steps // METRICS_POINTS) == 0)
             if clock.steps == 1 or is_last or valid_loss is not None or metrics_due:
                 clock.last_metrics_at = now
                 self.ctx.metrics(self._metrics(train_loss, valid_loss, learning_rate, clock))
@@ -346,17 +353,20 @@ class FineTuneRecipe:
 
     def _row_loss_sum(self, row: Row) -> torch.Tensor:
         """Summed cross-entropy of a row's labelled positions; lm_head runs only on those."""
-        logits, targets, _ = self._labelled_logits(row)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        token_logps, _ = self._labelled_token_logps(row)
+        return -token_logps.sum()
 
-    def _labelled_logits(self, row: Row, *, base_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, targets) of the row's labelled positions, in row-major order, and their (B, L) mask.
+    def _labelled_token_logps(self, row: Row, *, base_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 log-probabilities of the row's labelled targets, in row-major order, and their (B, L) mask.
 
+        lm_head and the log-softmax run in chunks of `loss_chunk_tokens` labelled tokens
+        (`worker.training.chunked_loss`), so the [tokens, vocab] logits never exist at once.
         `base_only` skips the prompt-learning forward (the decoder alone is then the base model);
         other methods switch their adapter off with `method.adapter_disabled()`.
         """
         if self.method.prompt_learning and not base_only:
-            return self._prompt_labelled_logits(row)
+            logits, targets, labelled = self._prompt_labelled_logits(row)
+            return -F.cross_entropy(logits.float(), targets, reduction="none"), labelled
         device = self.device.device
         kwargs = {}
         if row.segment_lengths is not None:
@@ -370,7 +380,9 @@ class FineTuneRecipe:
         ).last_hidden_state
         targets = row.targets.to(device)
         labelled = targets != IGNORE_INDEX
-        return self.lm_head(hidden[labelled]), targets[labelled], labelled
+        logps = chunked_token_logps(hidden[labelled], self.lm_head, targets[labelled],
+                                    chunk_tokens=self.loss_chunk_tokens)
+        return logps, labelled
 
     def _prompt_labelled_logits(self, row: Row) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The same through the peft model's forward, which adds the virtual tokens or prefix.
