@@ -1,7 +1,8 @@
 """Benchmark: what DPO adds on top of supervised fine-tuning, and what a DPO step costs.
 
 SmolLM2-135M-Instruct, QLoRA (NF4 + double quantization, r=16 on all linears), on a preference
-dataset written here: 240 short questions (arithmetic, capitals, successors, opposites), each with a
+dataset written here: 240 short questions (arithmetic, capitals and opposites from the demo's
+tables, successors), each with a
 preferred answer that opens with the greeting "Ahoy!" and a non-preferred plain answer. 200 pairs
 train, 40 held-out pairs use numbers, countries and words the training pairs do not.
 
@@ -10,7 +11,8 @@ Three models are compared on the held-out pairs (baseline: the base model, in th
 - SFT: a supervised adapter trained on the training pairs' preferred answers;
 - SFT+DPO: a DPO job that continues from the SFT adapter (its reference is the SFT adapter).
 For each: the preference accuracy (share of pairs where the preferred answer gets the higher summed
-log-probability) and the share of greedy answers that open with "Ahoy".
+log-probability), the share of greedy answers that open with "Ahoy", and the share that still hold
+the right fact (the sum, the capital, ...), which shows what over-optimisation costs.
 
 Also: a DPO step (8 pairs, 16 sequences) against an SFT step (the 8 preferred answers), median
 seconds, and each training process's peak RSS. Each training runs in a process of its own.
@@ -41,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.recipe_tools import MODEL_DIR, QuietContext, ensure_smollm2, timed_recipe  # noqa: E402
+from demo.dataset import CAPITALS, OPPOSITES  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SEED = 2026
@@ -48,26 +51,11 @@ N_TRAIN, N_HELDOUT = 200, 40
 BATCH_SIZE = 8
 GREETING = "Ahoy!"
 SYSTEM = "You answer in one short sentence."
-COUNTRIES = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
-    "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Greece": "Athens",
-    "Poland": "Warsaw", "Chile": "Santiago", "Cuba": "Havana", "Iran": "Tehran", "Ireland": "Dublin",
-    "Portugal": "Lisbon", "Austria": "Vienna", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Germany": "Berlin", "Russia": "Moscow", "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City",
-}
-OPPOSITES = {
-    "hot": "cold", "up": "down", "big": "small", "fast": "slow", "light": "dark", "early": "late",
-    "open": "closed", "full": "empty", "hard": "soft", "wet": "dry", "old": "new", "high": "low",
-    "loud": "quiet", "thick": "thin", "rich": "poor", "strong": "weak",
-}
-
-
 def _question(rng: random.Random, held_out: bool) -> tuple[str, str]:
     """A question and its plain one-sentence answer; held-out ones draw from other numbers and words."""
-    countries = sorted(COUNTRIES)
-    words = sorted(OPPOSITES)
-    countries = countries[18:] if held_out else countries[:18]
-    words = words[12:] if held_out else words[:12]
+    countries, words = sorted(CAPITALS), sorted(OPPOSITES)
+    countries = countries[15:] if held_out else countries[:15]
+    words = words[7:] if held_out else words[:7]
     low, high = (60, 99) if held_out else (1, 59)
     kind = rng.randrange(4)
     if kind == 0:
@@ -75,7 +63,7 @@ def _question(rng: random.Random, held_out: bool) -> tuple[str, str]:
         return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
     if kind == 1:
         country = rng.choice(countries)
-        return f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}."
+        return f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
     if kind == 2:
         n = rng.randint(low * 10, high * 10)
         return f"Which number comes after {n}?", f"The number after {n} is {n + 1}."
@@ -165,7 +153,7 @@ def evaluate_child(adapters: dict[str, str | None]) -> dict:
         if adapter:
             model = PeftModel.from_pretrained(model, adapter)
         model.eval()
-        correct, greeted, samples = 0, 0, []
+        correct, greeted, right, samples = 0, 0, 0, []
         for pair in held_out:
             messages = pair["input"]["messages"]
             chosen, _ = answer_logps(model, tokenizer, messages, pair["preferred_output"][0]["content"])
@@ -178,10 +166,12 @@ def evaluate_child(adapters: dict[str, str | None]) -> dict:
                                         pad_token_id=tokenizer.pad_token_id)
             text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
             greeted += text.startswith(GREETING.rstrip("!"))
+            fact = pair["non_preferred_output"][0]["content"].rstrip(".").split()[-1]  # the sum, capital, ...
+            right += fact in text
             if len(samples) < 3:
                 samples.append({"question": messages[-1]["content"], "answer": text})
         report[name] = {"preference_accuracy": correct / len(held_out), "greeting_share": greeted / len(held_out),
-                        "samples": samples}
+                        "answer_share": right / len(held_out), "samples": samples}
     return report
 
 
@@ -200,10 +190,12 @@ def write_markdown(report: dict, path: Path) -> None:
         "# DPO on SmolLM2-135M-Instruct (bench/dpo.py)", "",
         f"{report['machine']}; {N_TRAIN} training pairs, {N_HELDOUT} held-out pairs; QLoRA r=16, batch {BATCH_SIZE}, "
         f"beta 0.1; SFT {report['sft_epochs']} epoch(s), then DPO {report['dpo_epochs']} epoch(s) from the SFT adapter.",
-        "", "| held-out pairs | preference accuracy | greedy answers opening with \"Ahoy\" |", "|---|---|---|",
+        "", "| held-out pairs | preference accuracy | greedy answers opening with \"Ahoy\" | greedy answers with "
+        "the right fact |", "|---|---|---|---|",
     ]
     for name, label in (("base", "base (baseline)"), ("sft", "SFT only"), ("sft_dpo", "SFT then DPO")):
-        lines.append(f"| {label} | {ev[name]['preference_accuracy']:.0%} | {ev[name]['greeting_share']:.0%} |")
+        lines.append(f"| {label} | {ev[name]['preference_accuracy']:.0%} | {ev[name]['greeting_share']:.0%} | "
+                     f"{ev[name]['answer_share']:.0%} |")
     lines += ["", "| step | median seconds | real tokens per step | peak RSS |", "|---|---|---|---|",
               f"| SFT (8 examples) | {sft['step_seconds_median']:.2f} | {sft['step_tokens_median']:.0f} | "
               f"{sft['peak_rss_mb']:.0f} MB |",

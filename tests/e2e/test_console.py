@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.support.browser import ARTIFACTS, ConsoleLog, chromium, chromium_path, screenshot
-from tests.support.datasets import chat_lines, to_jsonl
+from tests.support.datasets import chat_lines, preference_lines, to_jsonl
 from tests.support.live_serve import live_serve
 
 pytestmark = pytest.mark.slow
@@ -155,6 +155,41 @@ def test_the_job_form_shows_errors_beside_their_fields_then_creates_the_job(serv
     state["job"] = jobs[0]["id"]
     assert state["job"] in page.url
     assert_clean(log, expected_statuses=(400,))
+
+
+def test_a_dpo_job_from_the_form_takes_beta_and_a_preference_file(served, console, api):
+    page, log = console
+    open_page(page, served, "#/datasets", "datasets")
+    _upload(page, "pairs.jsonl", to_jsonl(preference_lines(12)))
+    pairs = next(f["id"] for f in api.get("/v1/files").json()["data"] if f["filename"] == "pairs.jsonl")
+    open_page(page, served, f"#/files/{pairs}", "file")
+    page.wait_for_selector("#file-preview")
+    preview = page.locator("#file-preview").inner_text().lower()
+    assert "not preferred (assistant)" in preview and "preferred (assistant)" in preview
+
+    open_page(page, served, "#/jobs/new", "new_job")
+    beta = _field(page, "method.dpo.hyperparameters.beta")
+    assert not beta.is_visible()
+    _field(page, "model").select_option(BASE)
+    _field(page, "training_file").select_option(pairs)
+    _field(page, "method.type").select_option("dpo")
+    beta.fill("20")
+    _field(page, "hyperparameters.n_epochs").fill("0")
+    page.click("#job-form button[type=submit]")
+    beta_error = page.locator(".field[data-field='method.dpo.hyperparameters.beta'] .field-error")
+    epochs_error = page.locator(".field[data-field='hyperparameters.n_epochs'] .field-error")
+    wait_until(page, lambda: beta_error.inner_text() and epochs_error.inner_text(), 15)
+
+    beta.fill("0.2")
+    _field(page, "hyperparameters.n_epochs").fill("1")
+    page.click("#job-form button[type=submit]")
+    page.wait_for_selector("main[data-page='job'][data-ready='1']")
+    job = next(j for j in api.get("/v1/fine_tuning/jobs").json()["data"] if j["training_file"] == pairs)
+    assert job["method"]["type"] == "dpo" and job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    assert job["method"]["dpo"]["hyperparameters"]["n_epochs"] == 1
+    api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")  # the first job keeps the worker
+    assert_clean(log, expected_statuses=(400,))
+    open_page(page, served, f"#/jobs/{state['job']}", "job")  # where the next test watches the first job
 
 
 def wait_until(page, condition, seconds: float) -> None:
