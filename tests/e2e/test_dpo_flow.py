@@ -64,7 +64,7 @@ def test_openai_dpo_call_trains_serves_and_moves_the_log_probabilities(stack):
     assert uploaded.status == "processed"
     job = client.fine_tuning.jobs.create(
         model="tiny-llama", training_file=uploaded.id,
-        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "learning_rate_multiplier": 10}}})
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "learning_rate_multiplier": 40}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1
     with stack.client() as http:
         done = wait_for_status(http, job.id, ("succeeded", "failed"), timeout=600, stack=stack)
