@@ -14,7 +14,7 @@ import pytest
 from tests.support.datasets import chat_lines, preference_lines, to_jsonl
 from tests.support.flows import published_adapter_dir, upload_with_curl
 from tests.support.reference import peft_greedy_chat
-from tests.support.services import all_events, free_port, make_stack, wait_for_status
+from tests.support.services import all_events, free_port, make_stack, serving, wait_for_status
 from worker.training.data import step_batches
 
 pytestmark = pytest.mark.slow
@@ -28,13 +28,8 @@ def stack(tmp_path_factory, postgres_url, redis_url, tiny_model_dir):
     stack = make_stack(tmp, postgres_url, redis_url, tiny_model_dir, PATCHBAY_INFERENCE_BASE_MODEL="tiny-llama",
                        PATCHBAY_INFERENCE_URL=f"http://127.0.0.1:{port}")
     stack.model_dir, stack.tmp = tiny_model_dir, tmp
-    try:
-        stack.start_api()
-        stack.start_worker()
-        stack.start_inference(port)
+    with serving(stack, port):
         yield stack
-    finally:
-        stack.stop()
 
 
 def _write(stack, name: str, lines: list[dict]) -> Path:

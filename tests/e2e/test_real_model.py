@@ -14,7 +14,7 @@ import pytest
 from demo.dataset import DATA_DIR
 from tests.support.adapters import save_peft_lora, tar_gz
 from tests.support.datasets import preference_lines, to_jsonl
-from tests.support.services import REPO_ROOT, free_port, make_stack, wait_for_status
+from tests.support.services import REPO_ROOT, free_port, make_stack, serving, wait_for_status
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +27,8 @@ def real_stack(tmp_path_factory, postgres_url, redis_url, tiny_model_dir, smollm
     stack.cli("models", "add", "smollm2-135m-instruct", str(smollm2_dir))
     stack.key = stack.cli("team", "create", "acme", "--admin").splitlines()[-1]  # as `make run`'s key is
     stack.cli("team", "create", "default")  # the team `make run` creates, which the README's admin example names
-    try:
-        stack.start_api()
-        stack.start_worker()
-        stack.start_inference(port)
+    with serving(stack, port):
         yield stack
-    finally:
-        stack.stop()
 
 
 def readme_examples() -> dict[str, list[str]]:

@@ -219,6 +219,18 @@ def make_stack(tmp_path: Path, database_url: str, broker_url: str, model_dir: Pa
     return stack
 
 
+@contextmanager
+def serving(stack: PatchbayStack, inference_port: int) -> Iterator[PatchbayStack]:
+    """The stack with its API, a worker and an inference replica on `inference_port` running; stopped after."""
+    try:
+        stack.start_api()
+        stack.start_worker()
+        stack.start_inference(inference_port)
+        yield stack
+    finally:
+        stack.stop()
+
+
 def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 240,
                     stack: PatchbayStack | None = None) -> dict:
     """Poll a job until its status is one of `statuses`."""
