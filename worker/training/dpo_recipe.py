@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from core.datasets import Example
-from worker.training.data import IGNORE_INDEX
 from worker.training.model import evaluation_mode
 from worker.training.pairs import PairRow, TokenizedPairs, pair_rows, tokenize_pairs
 from worker.training.recipe import FineTuneRecipe
@@ -104,49 +103,35 @@ class DpoRecipe(FineTuneRecipe):
         level = "warning" if self.train_data.n_truncated or self.train_data.n_dropped else "info"
         self.ctx.event(message, level=level, data=data)
 
-    def _validation_rows(self) -> list[list[PairRow]]:
-        if self.valid_data is None or not self.valid_data.examples:
-            return []
-        return [self._pair_rows(self.valid_data, list(range(start, min(start + self.config.batch_size,
-                                                                       len(self.valid_data.examples)))))
-                for start in range(0, len(self.valid_data.examples), self.config.batch_size)]
-
-    def _pair_rows(self, data: TokenizedPairs, indices: list[int]) -> list[PairRow]:
-        tokenizer = self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def _batch_rows(self, data: TokenizedPairs, indices: list[int]) -> list[PairRow]:
+        """Whole pairs per forward pass; each row knows its pairs' indices in `data`."""
         return pair_rows([data.examples[i] for i in indices], indices, packing=bool(self.config.peft.packing),
-                         row_token_cap=self.row_token_cap, pad_id=pad_id)
+                         row_token_cap=self.row_token_cap, pad_id=self.pad_id)
 
     # ---- log-probabilities ---------------------------------------------------------------------
 
-    def _sequence_logps(self, pair_row: PairRow, *, base_only: bool = False) -> torch.Tensor:
-        """(pairs, 2) summed log-probabilities of each pair's chosen and rejected answer."""
+    def _sequence_logps(self, pair_row: PairRow, *, base_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pairs, 2) summed log-probabilities of each pair's chosen and rejected answer, and their token counts."""
         token_logps, labelled = self._labelled_token_logps(pair_row.row, base_only=base_only)
         sequence = pair_row.sequence_index().to(token_logps.device)[labelled]
-        sums = torch.zeros(2 * len(pair_row.pair_ids), device=token_logps.device, dtype=token_logps.dtype)
-        return sums.index_add(0, sequence, token_logps).view(-1, 2)
-
-    @staticmethod
-    def _answer_tokens(pair_row: PairRow) -> torch.Tensor:
-        """(pairs, 2) labelled tokens of each chosen and rejected answer."""
-        labelled = pair_row.row.targets != IGNORE_INDEX
-        counts = torch.zeros(2 * len(pair_row.pair_ids))
-        return counts.index_add(0, pair_row.sequence_index()[labelled], torch.ones(int(labelled.sum()))).view(-1, 2)
+        n_sequences = 2 * len(pair_row.pair_ids)
+        sums = torch.zeros(n_sequences, device=token_logps.device, dtype=token_logps.dtype)
+        tokens = torch.bincount(sequence, minlength=n_sequences)
+        return sums.index_add(0, sequence, token_logps).view(-1, 2), tokens.view(-1, 2)
 
     @torch.no_grad()
     def _reference_logps(self, data: TokenizedPairs, *, through_adapter: bool) -> torch.Tensor:
         """The reference's (pairs, 2) log-probabilities, in eval mode (dropout off), on the CPU."""
         out = torch.zeros(len(data.examples), 2)
-        indices = list(range(len(data.examples)))
         with evaluation_mode(self.loaded.model):
-            for start in range(0, len(indices), self.config.batch_size):
-                for pair_row in self._pair_rows(data, indices[start:start + self.config.batch_size]):
+            for rows in self._batched_rows(data):
+                for pair_row in rows:
                     self._raise_if_stopped()
                     if through_adapter:
-                        logps = self._sequence_logps(pair_row)
+                        logps, _ = self._sequence_logps(pair_row)
                     else:
                         with self.method.adapter_disabled():
-                            logps = self._sequence_logps(pair_row, base_only=True)
+                            logps, _ = self._sequence_logps(pair_row, base_only=True)
                     out[pair_row.pair_ids] = logps.float().cpu()
         return out
 
@@ -157,12 +142,12 @@ class DpoRecipe(FineTuneRecipe):
         totals = _Totals()
         n_tokens = 0
         reference = self.reference["train"]
-        for pair_row in self._pair_rows(self.train_data, indices):
+        for pair_row in self._batch_rows(self.train_data, indices):
             self._raise_if_stopped()
-            policy = self._sequence_logps(pair_row)
+            policy, tokens = self._sequence_logps(pair_row)
             stats = dpo_statistics(policy, reference[pair_row.pair_ids].to(policy.device), self.config.beta)
             (stats["loss"].sum() / len(indices)).backward()
-            totals.add(stats, policy, self._answer_tokens(pair_row))
+            totals.add(stats, policy, tokens)
             n_tokens += pair_row.row.n_real_tokens
         self.step_stats = totals.means("")
         return self.step_stats["loss"], n_tokens
@@ -176,9 +161,9 @@ class DpoRecipe(FineTuneRecipe):
             for rows in self.valid_rows:
                 for pair_row in rows:
                     self._raise_if_stopped()
-                    policy = self._sequence_logps(pair_row)
+                    policy, tokens = self._sequence_logps(pair_row)
                     totals.add(dpo_statistics(policy, reference[pair_row.pair_ids].to(policy.device),
-                                              self.config.beta), policy, self._answer_tokens(pair_row))
+                                              self.config.beta), policy, tokens)
         self.valid_stats = totals.means("valid_")
         return self.valid_stats["valid_loss"]
 

@@ -210,16 +210,26 @@ class FineTuneRecipe:
     def _validation_rows(self) -> list[list[Row]]:
         if self.valid_data is None or not self.valid_data.examples:
             return []
-        examples = self.valid_data.examples
-        size = self.config.batch_size
-        return [self._rows([examples[i] for i in range(start, min(start + size, len(examples)))])
-                for start in range(0, len(examples), size)]
+        return self._batched_rows(self.valid_data)
+
+    def _batched_rows(self, data) -> list[list[Row]]:
+        """The forward passes of each batch of `batch_size` consecutive examples of `data`, in order."""
+        n, size = len(data.examples), self.config.batch_size
+        return [self._batch_rows(data, list(range(start, min(start + size, n)))) for start in range(0, n, size)]
+
+    def _batch_rows(self, data, indices: list[int]) -> list[Row]:
+        """The forward passes of these examples of `data`."""
+        return self._rows([data.examples[i] for i in indices])
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad token, or its end-of-sequence token where it has none."""
+        tokenizer = self.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _rows(self, examples) -> list[Row]:
-        tokenizer = self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return build_rows(
-            examples, packing=self.config.peft.packing, row_token_cap=self.row_token_cap, pad_id=pad_id
+            examples, packing=self.config.peft.packing, row_token_cap=self.row_token_cap, pad_id=self.pad_id
         )
 
     def _resume_if_checkpointed(self) -> None:
@@ -333,7 +343,7 @@ class FineTuneRecipe:
 
     def _accumulate_gradients(self, indices: list[int]) -> tuple[float, int]:
         """Backpropagate the token-mean cross-entropy of these examples; returns (loss, real tokens)."""
-        rows = self._rows([self.train_data.examples[i] for i in indices])
+        rows = self._batch_rows(self.train_data, indices)
         n_labelled = sum(row.n_labelled for row in rows)
         loss_sum = 0.0
         for row in rows:
