@@ -18,6 +18,7 @@ from torch import nn
 from worker.formats.files import AdapterLoadError
 from worker.formats.prompt_learning import AttentionShape
 from worker.formats.served import BaseLayout, ServedAdapter, read_served_adapter
+from worker.inference.cpu_threads import on_short_lived_thread
 from worker.inference.bottleneck_slots import BottleneckSlots
 from worker.inference.lora_bank import LoraSlotBank, RowRouting
 from worker.inference.lora_slots import dense_weight, install_lora_slots
@@ -44,7 +45,14 @@ class AdapterSlots:
         self.linears.strategy = value
 
     def read_adapter(self, folder: Path | str) -> ServedAdapter:
-        """Read and validate an artifact folder for these slots (raises `AdapterLoadError`)."""
+        """Read and validate an artifact folder for these slots (raises `AdapterLoadError`).
+
+        Like `write_slot` and `clear_slot`, it runs its torch work on a short-lived thread, whatever thread
+        calls it: see `worker.inference.cpu_threads`.
+        """
+        return on_short_lived_thread(lambda: self._read_adapter(folder), "adapter-read")
+
+    def _read_adapter(self, folder: Path | str) -> ServedAdapter:
         adapter = read_served_adapter(folder, self.layout)
         if adapter.bottleneck is not None and not self.blocks.supported:
             raise AdapterLoadError("bottleneck adapters need decoder layers with `self_attn` and `mlp` modules")
@@ -52,6 +60,9 @@ class AdapterSlots:
 
     def write_slot(self, slot: int, adapter: ServedAdapter) -> None:
         """Copy a validated adapter into `slot`; the slot must not be routed to while this runs."""
+        on_short_lived_thread(lambda: self._write_slot(slot, adapter), "adapter-write")
+
+    def _write_slot(self, slot: int, adapter: ServedAdapter) -> None:
         self.blocks.write_slot(slot, adapter.bottleneck)
         self.prompts.write_slot(slot, adapter.prompt)
         self.linears.write_linear_terms(slot, adapter.lora, adapter.ia3, adapter.deltas,
@@ -65,6 +76,9 @@ class AdapterSlots:
 
     def clear_slot(self, slot: int) -> None:
         """Empty `slot` so that it contributes nothing."""
+        on_short_lived_thread(lambda: self._clear_slot(slot), "adapter-clear")
+
+    def _clear_slot(self, slot: int) -> None:
         self.linears.clear_slot(slot)
         self.blocks.write_slot(slot, None)
         self.prompts.write_slot(slot, None)

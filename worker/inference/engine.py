@@ -11,6 +11,8 @@ from worker.base_loading import load_base_model, load_tokenizer
 from worker.device import choose_device
 from worker.inference.adapter_slots import install_adapter_slots
 from worker.inference.adapters import AdapterManager
+from worker.inference.cpu_threads import on_short_lived_thread
+from worker.inference.fast_linear import use_onednn_linears
 from worker.inference.generation import (
     ErrorEvent,
     FinishEvent,
@@ -45,6 +47,7 @@ class InferenceEngine:
     Adapters of any served kind (see `worker.formats.served`) are loaded into slots through `engine.adapters`
     (an `AdapterManager`) and picked per request by name. Use as a context manager, or call `close()`
     to stop the loop thread. `metrics` labels its Prometheus series (default: by the model folder's name).
+    `onednn_linears`: on CPU, run the plain linears through oneDNN (see `worker.inference.fast_linear`).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class InferenceEngine:
         max_batch_size: int = 16,
         device: torch.device | str | None = None,
         metrics: ServingMetrics | None = None,
+        onednn_linears: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -67,9 +71,15 @@ class InferenceEngine:
         self.metrics = metrics or ServingMetrics(Path(model_dir).name)
         self.device, self.dtype = choice.device, choice.compute_dtype
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_base_model(model_dir, quantization, choice, training=False)
         self.quantization = quantization
-        self.slots = install_adapter_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype, quantization)
+
+        def load() -> None:
+            self.model = load_base_model(model_dir, quantization, choice, training=False)
+            self.slots = install_adapter_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype, quantization)
+            if onednn_linears and self.device.type == "cpu":
+                use_onednn_linears(self.model)
+
+        on_short_lived_thread(load, "base-model-load")  # see worker.inference.cpu_threads
         self.adapters = AdapterManager(self.slots, max_loaded_adapters, metrics=self.metrics)
         self.eos_token_ids = self._eos_token_ids()
         self._vocab_size = self.model.get_input_embeddings().weight.shape[0]

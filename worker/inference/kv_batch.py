@@ -8,6 +8,10 @@ padding changes neither positions nor attention. When sequences leave, their row
 columns that are padding for every remaining row are trimmed. Checked against transformers 5.24:
 `create_causal_mask` takes a 2D mask of length cache + query, and `DynamicLayer.update` appends
 along the sequence axis.
+
+The batch's layers write each step's keys and values into storage reserved ahead (`ReservedLayer`)
+instead of concatenating a new tensor per layer per step, which copied the whole cache every step;
+the storage grows by a block when it is full, and is rebuilt only when rows join or leave.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class PaddedKVBatch:
                 merged[1] = torch.cat([_pad_left(values, length), merged[1]], dim=0)
             new_mask = torch.cat([functional.pad(self.mask, (length - old_length, 0), value=False), new_mask])
         self.mask = new_mask
-        self.cache = DynamicCache(ddp_cache_data=[tuple(m) for m in layers], config=self._config)
+        self.cache = self._reserved_cache(layers)
 
     def mask_with_new_column(self) -> torch.Tensor:
         """The attention mask for one decode step: the current mask plus the new token's column."""
@@ -89,15 +93,58 @@ class PaddedKVBatch:
             for keys, values in self._layer_tensors(self.cache)
         ]
         self.mask = mask[:, first_real:].contiguous()
-        self.cache = DynamicCache(ddp_cache_data=layers, config=self._config)
+        self.cache = self._reserved_cache(layers)
 
     def clear(self) -> None:
         """Drop every row."""
         self.cache = self.mask = None
 
+    def _reserved_cache(self, layers) -> DynamicCache:
+        cache = DynamicCache(config=self._config)
+        cache.layers = [ReservedLayer(keys, values) for keys, values in layers]
+        return cache
+
     @staticmethod
     def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer whose keys and values are views into storage with room for `RESERVE_BLOCK` more positions."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        self._length = keys.shape[-2]
+        self._keys_store, self._values_store = _with_room(keys, self._length), _with_room(values, self._length)
+        self._expose()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new positions after the cached ones and return the keys and values so far (views)."""
+        end = self._length + key_states.shape[-2]
+        if end > self._keys_store.shape[-2]:
+            self._keys_store, self._values_store = _with_room(self.keys, end), _with_room(self.values, end)
+        self._keys_store[:, :, self._length : end] = key_states
+        self._values_store[:, :, self._length : end] = value_states
+        self._length = end
+        self._expose()
+        return self.keys, self.values
+
+    def _expose(self) -> None:
+        self.keys = self._keys_store[:, :, : self._length]
+        self.values = self._values_store[:, :, : self._length]
+
+
+RESERVE_BLOCK = 64
+"""Positions reserved past the current length; each fill costs one copy of the layer's cache."""
+
+
+def _with_room(tensor: torch.Tensor, needed: int) -> torch.Tensor:
+    """A copy of [rows, heads, seq, dim] in storage with room for `needed` + `RESERVE_BLOCK` positions."""
+    rows, heads, length, dim = tensor.shape
+    store = tensor.new_empty(rows, heads, needed + RESERVE_BLOCK, dim)
+    store[:, :, :length] = tensor
+    return store
 
 
 def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
