@@ -18,8 +18,8 @@ from torch import nn
 from worker.formats.files import AdapterLoadError
 from worker.formats.prompt_learning import AttentionShape
 from worker.formats.served import BaseLayout, ServedAdapter, read_served_adapter
-from worker.inference.cpu_threads import on_short_lived_thread
 from worker.inference.bottleneck_slots import BottleneckSlots
+from worker.inference.cpu_threads import on_short_lived_thread
 from worker.inference.lora_bank import LoraSlotBank, RowRouting
 from worker.inference.lora_slots import dense_weight, install_lora_slots
 from worker.inference.prompt_slots import PromptSlots
