@@ -66,7 +66,8 @@ class SlottedLoraLinear(nn.Module):
         self.slot_ranks = [0] * n_slots
         self.slot_scaling = [0.0] * n_slots
         self._packed_key: tuple | None = None
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._single_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def in_features(self) -> int:
@@ -81,6 +82,7 @@ class SlottedLoraLinear(nn.Module):
     @torch.no_grad()
     def write_slot(self, slot: int, weights: LoraModuleWeights | None) -> None:
         """Copy one module's LoRA factors into `slot` (zero-padded to max rank), or clear it with None."""
+        self._single_factors.pop(slot, None)
         self.slot_ranks[slot] = 0
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
@@ -160,6 +162,15 @@ class SlottedLoraLinear(nn.Module):
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
         strategy = self._routing.strategy
+        if strategy == "packed" and out.dtype == x.dtype:  # the default: products accumulated into out
+            if len(routing.active_slots) == 1:
+                factors = self._single_slot_factors(routing.active_slots[0])
+                if factors is not None:
+                    out = self._accumulate(out, x, *factors, routing.row_mask)
+            else:
+                packed_a, _, packed_b_t = self._packed_factors(routing.layout)
+                out = self._accumulate(out, x, packed_a, packed_b_t, routing.col_mask)
+            return self._apply_dora(out, routing)
         if len(routing.active_slots) == 1 and strategy != "gathered":
             delta = self._single_slot_delta(x, routing)
         elif strategy == "packed":
@@ -194,19 +205,39 @@ class SlottedLoraLinear(nn.Module):
             hidden = hidden * routing.row_mask
         return nn.functional.linear(hidden, self.lora_B[slot, :, :rank]) * self.slot_scaling[slot]
 
+    def _single_slot_factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slot's A and its scaled B, transposed and contiguous, cached until the slot is written."""
+        factors = self._single_factors.get(slot)
+        if factors is None and self.slot_ranks[slot]:
+            rank = self.slot_ranks[slot]
+            factors = (self.lora_A[slot, :rank], (self.lora_B[slot, :, :rank] * self.slot_scaling[slot]).t().contiguous())
+            self._single_factors[slot] = factors
+        return factors
+
+    @staticmethod
+    def _accumulate(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """out + ((x a^T) * mask) b_t, the second product accumulated into out by one `addmm`."""
+        hidden = nn.functional.linear(x, a)
+        if mask is not None:
+            hidden = hidden.mul_(mask)
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b_t)
+        return flat.view(out.shape)
+
     def _packed_delta(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
-        packed_a, packed_b = self._packed_factors(routing.layout)
+        packed_a, packed_b, _ = self._packed_factors(routing.layout)
         hidden = nn.functional.linear(x, packed_a) * routing.col_mask
         return nn.functional.linear(hidden, packed_b)
 
-    def _packed_factors(self, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """The active slots' A rows and (scaled) B columns side by side, cached per layout."""
+    def _packed_factors(self, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The active slots' A rows and (scaled) B columns side by side (B also transposed), cached per layout."""
         if self._packed_key != layout.key:
             a_parts, b_parts = [], []
             for slot, rank in zip(layout.slots, layout.ranks):
                 a_parts.append(self.lora_A[slot, :rank])
                 b_parts.append(self.lora_B[slot, :, :rank] * self.slot_scaling[slot])
-            self._packed = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1).contiguous())
+            packed_b = torch.cat(b_parts, dim=1)
+            self._packed = (torch.cat(a_parts, dim=0), packed_b.contiguous(), packed_b.t().contiguous())
             self._packed_key = layout.key
         return self._packed
 
