@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     vllm_extra_args: str = Field("", description="extra arguments for vLLM's OpenAI server, space-separated")
     inference_quantization: str = Field("none", description="inference base: 'nf4-dq' (4-bit) or 'none'")
     max_loaded_adapters: int = Field(8, description="adapters resident in an inference server (LRU beyond)")
+    inference_max_batch_size: int = Field(64, ge=1, le=1024, description="sequences one engine decodes together; "
+                                          "more wait for a place (a request that finds the batch full waits for a "
+                                          "running one to finish before its first token)")
     max_lora_rank: int = Field(64, description="largest LoRA rank accepted for import and serving")
     pinned_adapters: str = Field("", description="comma-separated adapter refs loaded at start and never evicted")
     merged_adapter: str | None = Field(None, description="serve this one adapter merged into the base")

@@ -21,7 +21,7 @@ from core.schemas.replicas import ReplicaStatus
 from core.serving_kinds import PATCHBAY_ENGINE_KINDS
 from core.settings import Settings
 from worker.inference.request_counter import RequestCounter
-from worker.inference.service import MAX_BATCH_SIZE, InferenceService
+from worker.inference.service import InferenceService
 
 log = logging.getLogger("patchbay.replica")
 LOADING_RETRY_AFTER_SECONDS = 2
@@ -123,7 +123,7 @@ class Replica:
     def status(self) -> ReplicaStatus:
         """What this replica says of itself (its row's content and `GET /status`)."""
         service = self.service
-        engine_stats, loads, resident, max_batch = {}, {}, [], MAX_BATCH_SIZE
+        engine_stats, loads, resident, max_batch = {}, {}, [], self.settings.inference_max_batch_size
         if service is not None:
             engine, adapters = service.engine, service.engine.adapters
             engine_stats, loads, max_batch = engine.stats(), adapters.load_counts(), engine.max_batch_size

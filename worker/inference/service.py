@@ -13,7 +13,6 @@ from worker.inference.adapter_cache import AdapterFetchError, fetch_adapter
 from worker.inference.metrics import ServingMetrics
 
 log = logging.getLogger("patchbay.inference")
-MAX_BATCH_SIZE = 16
 """Generations the engine runs in one batch (what a replica advertises as `max_batch`)."""
 
 
@@ -42,7 +41,7 @@ class InferenceService:
             quantization = "none"
         self.engine = InferenceEngine(base_path, quantization=quantization,
                                       max_loaded_adapters=settings.max_loaded_adapters,
-                                      max_lora_rank=settings.max_lora_rank, max_batch_size=MAX_BATCH_SIZE,
+                                      max_lora_rank=settings.max_lora_rank, max_batch_size=settings.inference_max_batch_size,
                                       metrics=ServingMetrics(self.base_model_id))
 
     def _merged_base(self, base_path: Path, adapter_ref: str) -> Path:
