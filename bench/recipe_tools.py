@@ -42,7 +42,7 @@ class QuietContext:
         """Checkpoints are dropped."""
 
 
-def timed_recipe(job, ctx):
+def timed_recipe(job, ctx, **recipe_options):
     """The recipe for `job` (supervised or DPO), recording each optimizer step's seconds (row building,
     forward, backward, update), real tokens and loss in `step_seconds`, `step_tokens` and `step_losses`."""
     from worker.training.dpo_recipe import DpoRecipe
@@ -65,4 +65,4 @@ def timed_recipe(job, ctx):
             self.step_losses.append(loss)
             return loss, tokens
 
-    return TimedRecipe(job, ctx)
+    return TimedRecipe(job, ctx, **recipe_options)

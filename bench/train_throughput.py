@@ -136,16 +136,30 @@ def peak_rss_mb() -> float:
 # ---- the two methods, each run in its own process ---------------------------------------------
 
 
-def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
+VARIANTS = {
+    # name: (loss computed in chunks of labelled tokens, activation checkpointing)
+    "ours": (True, False),
+    "ours-unchunked": (False, False),
+    "ours-checkpointing": (True, True),
+}
+"""The recipe's configurations: the default (chunked loss), the full-logits loss, and activation checkpointing."""
+VARIANT_LABELS = {"ours": "recipe (default: chunked loss)", "ours-unchunked": "recipe, full logits",
+                  "ours-checkpointing": "recipe + activation checkpointing", "baseline": "Trainer baseline"}
+
+
+def run_ours(steps: int, heldout: list, evaluate_base: bool, variant: str = "ours") -> dict:
     from core.schemas.training import Hyperparameters, PeftConfigSpec, resolve_training
+    from worker.training.chunked_loss import DEFAULT_CHUNK_TOKENS
     from worker.training.interface import TrainingJob
+
+    chunked, checkpointing = VARIANTS[variant]
 
     examples = synthetic_chats(N_TRAIN, SEED)  # the recipe shuffles them itself, with the same seed
     config = resolve_training(
         Hyperparameters(n_epochs=1, batch_size=BATCH_SIZE),
         PeftConfigSpec(
             method="qlora", r=LORA_R, learning_rate=LEARNING_RATE, warmup_ratio=WARMUP_RATIO,
-            max_steps=steps, checkpoint_every_steps=10_000, packing=True, gradient_checkpointing=False,
+            max_steps=steps, checkpoint_every_steps=10_000, packing=True, gradient_checkpointing=checkpointing,
         ),
         n_examples=len(examples),
         seed=SEED,
@@ -153,7 +167,7 @@ def run_ours(steps: int, heldout: list, evaluate_base: bool) -> dict:
     ctx = QuietContext()
     with tempfile.TemporaryDirectory() as work:
         job = TrainingJob("bench", str(MODEL_DIR), examples, None, config, Path(work))
-        recipe = timed_recipe(job, ctx)
+        recipe = timed_recipe(job, ctx, loss_chunk_tokens=DEFAULT_CHUNK_TOKENS if chunked else None)
         recipe.setup()
         base_loss = heldout_losses(recipe.loaded.model, recipe.loaded.tokenizer, heldout) if evaluate_base else None
         started = time.perf_counter()
@@ -262,8 +276,10 @@ def run_baseline(steps: int, heldout: list, evaluate_base: bool) -> dict:
 
 def worker_main(method: str, steps: int, result_path: Path, evaluate_base: bool) -> None:
     heldout = synthetic_chats(N_HELDOUT, SEED + 1)
-    runner = run_ours if method == "ours" else run_baseline
-    result = runner(steps, heldout, evaluate_base)
+    if method == "baseline":
+        result = run_baseline(steps, heldout, evaluate_base)
+    else:
+        result = run_ours(steps, heldout, evaluate_base, method)
     result["method"] = method
     result["tokens_per_second"] = result["real_tokens"] / result["train_seconds"]
     result["peak_rss_mb"] = peak_rss_mb()
@@ -335,6 +351,21 @@ def dataset_stats() -> dict:
     }
 
 
+def variant_table(report: dict) -> list[str]:
+    """The recipe's variants against the baseline: speed, peak memory and held-out loss (markdown lines)."""
+    base = report["baseline"]
+    variants = {"ours": report["ours"], **report.get("variants", {})}
+    lines = ["| Configuration | Real tokens/s (median) | vs baseline | Peak RSS | vs baseline | Held-out loss |",
+             "|---|---|---|---|---|---|"]
+    for name, summary in [*variants.items(), ("baseline", base)]:
+        lines.append(
+            f"| {VARIANT_LABELS[name]} | {summary['tokens_per_second_median']:.1f} | "
+            f"{summary['tokens_per_second_median'] / base['tokens_per_second_median']:.2f}x | "
+            f"{summary['peak_rss_mb_max'] / 1024:.2f} GB | {summary['peak_rss_mb_max'] / base['peak_rss_mb_max']:.2f}x | "
+            f"{summary['heldout_after_with_eos']:.4f} |")
+    return [*lines, ""]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     ours, base = report["ours"], report["baseline"]
     rows = [
@@ -371,6 +402,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "fastest-step figures, which drop throttled periods, are the most comparable; the worst run is shown "
         "only to expose throttling.",
         "",
+        *variant_table(report),
         f"Held-out loss before training: {report['heldout_before']['with_eos']:.3f} with the end-of-turn token, "
         f"{report['heldout_before']['without_eos']:.3f} without.",
         "The baseline trains on every non-padding token (prompt included) except `<|im_end|>`, which its collator "
@@ -389,7 +421,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=["ours", "baseline"])
+    parser.add_argument("--worker", choices=[*VARIANTS, "baseline"])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="recipe variants to run, comma-separated")
     parser.add_argument("--result", type=Path)
     parser.add_argument("--evaluate-base", action="store_true")
     args = parser.parse_args()
@@ -399,13 +432,14 @@ def main() -> None:
 
     ensure_smollm2()
     started = time.perf_counter()
-    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    methods = [*args.variants.split(","), "baseline"]
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
     for repeat in range(args.repeats):
-        order = ["ours", "baseline"] if repeat % 2 == 0 else ["baseline", "ours"]
+        order = methods if repeat % 2 == 0 else methods[::-1]
         for method in order:
             result = run_worker(method, args.steps, evaluate_base=repeat == 0 and method == "ours")
             runs[method].append(result)
-            print(f"repeat {repeat + 1}/{args.repeats} {method:8s}: {result['tokens_per_second']:.1f} real tokens/s, "
+            print(f"repeat {repeat + 1}/{args.repeats} {method:18s}: {result['tokens_per_second']:.1f} real tokens/s, "
                   f"peak RSS {result['peak_rss_mb'] / 1024:.2f} GB, final train loss {result['final_train_loss']:.3f}, "
                   f"held-out {result['heldout_after']['with_eos']:.3f}", flush=True)
     ours, base = summarize(runs["ours"]), summarize(runs["baseline"])
@@ -417,6 +451,7 @@ def main() -> None:
         "dataset": dataset_stats(),
         "ours": ours,
         "baseline": base,
+        "variants": {method: summarize(runs[method]) for method in methods if method not in ("ours", "baseline")},
         "speedup_median": ours["tokens_per_second_median"] / base["tokens_per_second_median"],
         "speedup_best": ours["tokens_per_second_best"] / base["tokens_per_second_best"],
         "speedup_best_steps": ours["tokens_per_second_best_steps"] / base["tokens_per_second_best_steps"],
