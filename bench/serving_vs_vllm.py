@@ -41,10 +41,8 @@ for path in (REPO_ROOT, REPO_ROOT / "bench"):
 import fleet  # noqa: E402
 import serving  # noqa: E402
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
-CONCURRENCY = 16
-NEW_TOKENS = 32
-QUESTIONS = fleet.QUESTIONS
+# The fleet benchmark's workload: the same questions, concurrency and completion length.
+RESULTS_DIR, CONCURRENCY, NEW_TOKENS, QUESTIONS = fleet.RESULTS_DIR, fleet.CONCURRENCY, fleet.NEW_TOKENS, fleet.QUESTIONS
 METRICS = ("base_tok_s", "one_adapter_tok_s", "mixed_8_tok_s", "ttft_base_s", "ttft_loaded_s")
 LABELS = {
     "base_tok_s": "base, 16 concurrent (tok/s)",
