@@ -11,6 +11,7 @@ from worker.base_loading import load_base_model, load_tokenizer
 from worker.device import choose_device
 from worker.inference.adapter_slots import install_adapter_slots
 from worker.inference.adapters import AdapterManager
+from worker.inference.chunked_prefill import DEFAULT_CHUNK_TOKENS
 from worker.inference.cpu_threads import on_short_lived_thread
 from worker.inference.fast_linear import use_onednn_linears
 from worker.inference.generation import (
@@ -48,6 +49,7 @@ class InferenceEngine:
     (an `AdapterManager`) and picked per request by name. Use as a context manager, or call `close()`
     to stop the loop thread. `metrics` labels its Prometheus series (default: by the model folder's name).
     `onednn_linears`: on CPU, run the plain linears through oneDNN (see `worker.inference.fast_linear`).
+    `prefill_chunk_tokens`: longer prompts prefill a chunk per decode step (`worker.inference.chunked_prefill`).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class InferenceEngine:
         device: torch.device | str | None = None,
         metrics: ServingMetrics | None = None,
         onednn_linears: bool = True,
+        prefill_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -85,7 +88,8 @@ class InferenceEngine:
         self._vocab_size = self.model.get_input_embeddings().weight.shape[0]
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._scheduler = BatchScheduler(
-            self.model, self.slots, self.decode, self.eos_token_ids, max_batch_size, self.device, metrics=self.metrics
+            self.model, self.slots, self.decode, self.eos_token_ids, max_batch_size, self.device, metrics=self.metrics,
+            prefill_chunk_tokens=prefill_chunk_tokens,
         )
         self._scheduler.start()
 

@@ -210,7 +210,8 @@ class SlottedLoraLinear(nn.Module):
         factors = self._single_factors.get(slot)
         if factors is None and self.slot_ranks[slot]:
             rank = self.slot_ranks[slot]
-            factors = (self.lora_A[slot, :rank], (self.lora_B[slot, :, :rank] * self.slot_scaling[slot]).t().contiguous())
+            scaled_b = self.lora_B[slot, :, :rank] * self.slot_scaling[slot]
+            factors = (self.lora_A[slot, :rank], scaled_b.t().contiguous())
             self._single_factors[slot] = factors
         return factors
 

@@ -10,6 +10,9 @@ Prompt-learning adapters only change the prefill: virtual tokens are prepended t
 embeddings (such rows prefill with any others), and prefix-tuning rows are prefilled per adapter on
 a cache that starts with the prefix keys/values (prompt positions then start after the prefix, as in
 peft). Either way the sequence's context length counts those positions, so decoding needs nothing.
+
+A prompt longer than `prefill_chunk_tokens` is prefilled a chunk per iteration instead, between the
+running batch's decode steps (`worker.inference.chunked_prefill`), so it never stalls them for long.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from worker.inference.adapter_slots import AdapterSlots
+from worker.inference.chunked_prefill import DEFAULT_CHUNK_TOKENS, ChunkedPrefill
 from worker.inference.generation import ErrorEvent, FinishEvent, GenerationHandle, GenerationRequest, TokenEvent
 from worker.inference.kv_batch import PaddedKVBatch
 from worker.inference.metrics import SequenceMetrics, ServingMetrics
@@ -72,12 +76,15 @@ class BatchScheduler:
         device: torch.device,
         max_prefill_tokens: int = 4096,
         metrics: ServingMetrics | None = None,
+        prefill_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         self._model = model
         self._metrics = metrics
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._chunked: collections.deque[tuple[ActiveSequence, ChunkedPrefill]] = collections.deque()
         self._bank = bank
         self._decode = decode
         self._eos = frozenset(eos_token_ids)
@@ -95,6 +102,7 @@ class BatchScheduler:
             "max_batch_size": 0,
             "max_distinct_adapters": 0,
             "prefills": 0,
+            "prefill_chunks": 0,
             "max_prefill_batch": 0,
             "joined_running_batch": 0,
             "generated_tokens": 0,
@@ -145,7 +153,7 @@ class BatchScheduler:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._stopping and not self._waiting and not self._running:
+                    while not self._stopping and not self._waiting and not self._running and not self._chunked:
                         self._wakeup.wait()
                     if self._stopping:
                         break
@@ -153,13 +161,15 @@ class BatchScheduler:
                     self._step()
                 except Exception as exc:  # keep serving: fail the batch, not the loop
                     logger.exception("decode step failed")
-                    for sequence in self._running:
+                    for sequence in self._running + [s for s, _ in self._chunked]:
                         self._fail(sequence, f"generation failed: {exc}")
                     self._running = []
+                    self._chunked.clear()
                     self._kv.clear()
             with self._wakeup:
-                leftovers = list(self._waiting) + self._running
+                leftovers = list(self._waiting) + self._running + [s for s, _ in self._chunked]
                 self._waiting.clear()
+                self._chunked.clear()
             for sequence in leftovers:
                 self._fail(sequence, "the inference engine stopped")
             self._running = []
@@ -168,6 +178,7 @@ class BatchScheduler:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        self._advance_chunked()
         if self._running:
             self._decode_step()
 
@@ -182,7 +193,7 @@ class BatchScheduler:
         self._kv.keep(keep)
 
     def _admit(self) -> None:
-        room = self.max_batch_size - len(self._running)
+        room = self.max_batch_size - len(self._running) - len(self._chunked)
         admitted: list[ActiveSequence] = []
         with self._wakeup:
             while room > len(admitted) and self._waiting:
@@ -192,6 +203,9 @@ class BatchScheduler:
             if sequence.handle.cancelled:
                 self._fail(sequence, "the request was cancelled")
         admitted = [s for s in admitted if not s.finished]
+        for sequence in [s for s in admitted if self._chunkable(s)]:
+            self._chunked.append((sequence, ChunkedPrefill(sequence.request.prompt_ids, self._kv.new_prefill_cache())))
+        admitted = [s for s in admitted if not self._chunkable(s)]
         for group in self._prefill_groups(admitted):
             try:
                 cache, lengths = self._prefill(group)
@@ -205,6 +219,45 @@ class BatchScheduler:
             self._kv.append(cache, lengths, rows)
             if joined_running:
                 self._count("joined_running_batch", len(rows))
+
+    def _chunkable(self, sequence: ActiveSequence) -> bool:
+        """A plain prompt (no virtual tokens, no prefix) longer than one prefill chunk."""
+        prompts = self._bank.prompts
+        return (len(sequence.request.prompt_ids) > self.prefill_chunk_tokens
+                and prompts.virtual_tokens(sequence.slot) is None and prompts.prefix(sequence.slot) is None)
+
+    def _advance_chunked(self) -> None:
+        """Feed the next chunk of the oldest long prompt (while others decode), or all of them (while none do)."""
+        while self._chunked:
+            sequence, prefill = self._chunked[0]
+            if sequence.handle.cancelled:
+                self._chunked.popleft()
+                self._fail(sequence, "the request was cancelled")
+                continue
+            try:
+                with self._bank.route([sequence.slot]):
+                    hidden = prefill.feed(self._decoder, self.prefill_chunk_tokens, self._device)
+                if prefill.finished:
+                    logits = self._lm_head(hidden).float().cpu()
+            except Exception as exc:
+                logger.exception("chunked prefill failed")
+                self._chunked.popleft()
+                self._fail(sequence, f"prefill failed: {exc}")
+                continue
+            self._count("prefill_chunks")
+            if prefill.finished:
+                self._chunked.popleft()
+                self._count("prefills")
+                sequence.context_len = len(prefill.prompt_ids)
+                joined_running = bool(self._running)
+                self._accept(sequence, logits)
+                if not sequence.finished:
+                    self._running.append(sequence)
+                    self._kv.append(prefill.cache, [sequence.context_len], [0])
+                    if joined_running:
+                        self._count("joined_running_batch")
+            if self._running:
+                return
 
     def _prefill_groups(self, sequences: list[ActiveSequence]) -> list[list[ActiveSequence]]:
         """Prefix-tuning rows per adapter, all others together; split so that each padded prefill stays

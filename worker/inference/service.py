@@ -41,7 +41,8 @@ class InferenceService:
             quantization = "none"
         self.engine = InferenceEngine(base_path, quantization=quantization,
                                       max_loaded_adapters=settings.max_loaded_adapters,
-                                      max_lora_rank=settings.max_lora_rank, max_batch_size=settings.inference_max_batch_size,
+                                      max_lora_rank=settings.max_lora_rank,
+                                      max_batch_size=settings.inference_max_batch_size,
                                       metrics=ServingMetrics(self.base_model_id))
 
     def _merged_base(self, base_path: Path, adapter_ref: str) -> Path:
