@@ -143,7 +143,7 @@ VARIANTS = {
     "ours-checkpointing": (True, True),
 }
 """The recipe's configurations: the default (chunked loss), the full-logits loss, and activation checkpointing."""
-VARIANT_LABELS = {"ours": "recipe (default: chunked loss)", "ours-unchunked": "recipe, full logits",
+VARIANT_LABELS = {"ours": "recipe (default: chunked loss)", "ours-unchunked": "recipe, all labelled tokens' logits at once",
                   "ours-checkpointing": "recipe + activation checkpointing", "baseline": "Trainer baseline"}
 
 
