@@ -198,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--ours-only", action="store_true", help="measure our engine alone (no report written)")
     args = parser.parse_args()
     model_dir = serving.smollm2_dir() if args.model == "smollm2" else serving.tiny_dir()
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,19 +208,23 @@ def main() -> None:
         vllm_process = None
         try:
             ours = start_ours(stack, model_dir, folders)
-            vllm_process, vllm = start_vllm(model_dir, folders)
-            engines = {"ours": ours, "vllm": vllm}
+            engines = {"ours": ours}
+            if not args.ours_only:
+                vllm_process, engines["vllm"] = start_vllm(model_dir, folders)
             for engine in engines.values():  # warm-up: first-request costs stay out of the figures
                 engine_round(engine)
-            rows: dict[str, list] = {"ours": [], "vllm": []}
+            rows: dict[str, list] = {name: [] for name in engines}
             for repeat in range(args.repeats):
-                for name in (("ours", "vllm") if repeat % 2 == 0 else ("vllm", "ours")):
+                for name in (list(engines) if repeat % 2 == 0 else list(engines)[::-1]):
                     rows[name].append(engine_round(engines[name]))
                     print(name, {k: round(v, 3) for k, v in rows[name][-1].items()}, flush=True)
         finally:
             if vllm_process is not None:
                 vllm_process.stop()
             stack.stop()
+    if args.ours_only:
+        print({metric: stats["median"] for metric, stats in summary(rows["ours"]).items()})
+        return
     report = {
         "model": args.model, "repeats": args.repeats, "concurrency": CONCURRENCY, "new_tokens": NEW_TOKENS,
         "adapters": len(folders), "lora_r": serving.LORA_R,
