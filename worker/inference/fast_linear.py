@@ -2,7 +2,7 @@
 
 At decode time every linear multiplies a handful of rows by its whole weight, so the step is bound by
 reading weights. For such shapes on CPU, PyTorch's default fp32 linear (MKL's sgemm) reached about a
-third of the memory bandwidth that oneDNN's inner product does (bench/results/serving_vs_vllm.md
+third of the memory bandwidth that oneDNN's inner product does (the README's "Tests and benchmarks"
 has the profile). `use_onednn_linears` routes every plain `nn.Linear` of a model through
 `torch.ops.mkldnn._linear_pointwise`, on the weight as it is: no second copy of the weights is kept,
 so adapters that read a base weight (DoRA, merges) see the same tensor. Results equal the default

@@ -66,7 +66,7 @@ class SlottedLoraLinear(nn.Module):
         self.slot_ranks = [0] * n_slots
         self.slot_scaling = [0.0] * n_slots
         self._packed_key: tuple | None = None
-        self._packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._single_factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -162,25 +162,16 @@ class SlottedLoraLinear(nn.Module):
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
         strategy = self._routing.strategy
-        if strategy == "packed" and out.dtype == x.dtype:  # the default: products accumulated into out
-            if len(routing.active_slots) == 1:
-                factors = self._single_slot_factors(routing.active_slots[0])
-                if factors is not None:
-                    out = self._accumulate(out, x, *factors, routing.row_mask)
-            else:
-                packed_a, _, packed_b_t = self._packed_factors(routing.layout)
-                out = self._accumulate(out, x, packed_a, packed_b_t, routing.col_mask)
-            return self._apply_dora(out, routing)
         if len(routing.active_slots) == 1 and strategy != "gathered":
-            delta = self._single_slot_delta(x, routing)
+            factors = self._single_slot_factors(routing.active_slots[0])
+            if factors is not None:
+                out = self._accumulate(out, x, *factors, routing.row_mask)
         elif strategy == "packed":
-            delta = self._packed_delta(x, routing)
+            out = self._accumulate(out, x, *self._packed_factors(routing.layout), routing.col_mask)
         elif strategy == "grouped":
-            return self._apply_dora(self._add_grouped(out, x, routing), routing)
+            out = self._add_grouped(out, x, routing)
         else:
-            delta = self._gathered_delta(x, routing)
-        if delta is not None:
-            out = out + delta.to(out.dtype)
+            out = out + self._gathered_delta(x, routing).to(out.dtype)
         return self._apply_dora(out, routing)
 
     def _apply_dora(self, out: torch.Tensor, routing: RowRouting) -> torch.Tensor:
@@ -195,16 +186,6 @@ class SlottedLoraLinear(nn.Module):
             unbiased = unbiased - self._row_vectors(self.bias_delta, routing, out)
         return out + (gain - 1) * unbiased
 
-    def _single_slot_delta(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor | None:
-        slot = routing.active_slots[0]
-        rank = self.slot_ranks[slot]
-        if rank == 0:
-            return None
-        hidden = nn.functional.linear(x, self.lora_A[slot, :rank])
-        if routing.row_mask is not None:
-            hidden = hidden * routing.row_mask
-        return nn.functional.linear(hidden, self.lora_B[slot, :, :rank]) * self.slot_scaling[slot]
-
     def _single_slot_factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The slot's A and its scaled B, transposed and contiguous, cached until the slot is written."""
         factors = self._single_factors.get(slot)
@@ -218,27 +199,23 @@ class SlottedLoraLinear(nn.Module):
     @staticmethod
     def _accumulate(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor:
-        """out + ((x a^T) * mask) b_t, the second product accumulated into out by one `addmm`."""
+        """out + ((x a^T) * mask) b_t, the second product accumulated into out by one `addmm` (same dtypes)."""
         hidden = nn.functional.linear(x, a)
         if mask is not None:
             hidden = hidden.mul_(mask)
+        if out.dtype != hidden.dtype:  # e.g. a 4-bit base computing in another dtype than the factors
+            return out + (hidden @ b_t).to(out.dtype)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b_t)
         return flat.view(out.shape)
 
-    def _packed_delta(self, x: torch.Tensor, routing: RowRouting) -> torch.Tensor:
-        packed_a, packed_b, _ = self._packed_factors(routing.layout)
-        hidden = nn.functional.linear(x, packed_a) * routing.col_mask
-        return nn.functional.linear(hidden, packed_b)
-
-    def _packed_factors(self, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The active slots' A rows and (scaled) B columns side by side (B also transposed), cached per layout."""
+    def _packed_factors(self, layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active slots' A rows side by side, and their scaled B columns transposed; cached per layout."""
         if self._packed_key != layout.key:
             a_parts, b_parts = [], []
             for slot, rank in zip(layout.slots, layout.ranks):
                 a_parts.append(self.lora_A[slot, :rank])
                 b_parts.append(self.lora_B[slot, :, :rank] * self.slot_scaling[slot])
-            packed_b = torch.cat(b_parts, dim=1)
-            self._packed = (torch.cat(a_parts, dim=0), packed_b.contiguous(), packed_b.t().contiguous())
+            self._packed = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1).t().contiguous())
             self._packed_key = layout.key
         return self._packed
 
