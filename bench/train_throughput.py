@@ -9,6 +9,10 @@ Reported per method: real (non-padding) tokens/s (min / median over repeats), pe
 final training loss each reports, and a common held-out loss computed by the same code for
 both: mean cross-entropy over assistant tokens including the end-of-turn token (and without it).
 
+Each run uses the allocator its configuration names: the recipe tcmalloc, as `patchbay worker`
+runs it (`worker.allocator`), and the baseline the system's malloc, as a user runs it. The
+recipe on the system's malloc and the baseline on tcmalloc run too, so the allocator's share shows.
+
 Usage: .venv/bin/python bench/train_throughput.py [--steps 6] [--repeats 3]
 Writes bench/results/train_throughput.json and .md.
 """
@@ -137,14 +141,22 @@ def peak_rss_mb() -> float:
 
 
 VARIANTS = {
-    # name: (loss computed in chunks of labelled tokens, activation checkpointing)
-    "ours": (True, False),
-    "ours-unchunked": (False, False),
-    "ours-checkpointing": (True, True),
+    # name: (loss computed in chunks of labelled tokens, activation checkpointing, allocator)
+    "ours": (True, False, "tcmalloc"),
+    "ours-unchunked": (False, False, "tcmalloc"),
+    "ours-checkpointing": (True, True, "tcmalloc"),
+    "ours-system-malloc": (True, False, "system"),
 }
-"""The recipe's configurations: the default (chunked loss), the full-logits loss, and activation checkpointing."""
-VARIANT_LABELS = {"ours": "recipe (default: chunked loss)", "ours-unchunked": "recipe, all labelled tokens' logits at once",
-                  "ours-checkpointing": "recipe + activation checkpointing", "baseline": "Trainer baseline"}
+"""The recipe's configurations: the default (chunked loss, on tcmalloc as a worker runs it), the full-logits
+loss, activation checkpointing, and the default on the system's malloc."""
+BASELINES = {"baseline": "system", "baseline-tcmalloc": "tcmalloc"}
+"""The Trainer baseline as a user runs it (the system's malloc), and on tcmalloc like our worker."""
+DEFAULT_VARIANTS = ("ours", "ours-checkpointing", "ours-system-malloc", "baseline-tcmalloc")
+VARIANT_LABELS = {"ours": "recipe (default: chunked loss, tcmalloc)",
+                  "ours-unchunked": "recipe, all labelled tokens' logits at once",
+                  "ours-checkpointing": "recipe + activation checkpointing",
+                  "ours-system-malloc": "recipe on the system's malloc",
+                  "baseline": "Trainer baseline", "baseline-tcmalloc": "Trainer baseline on tcmalloc"}
 
 
 def run_ours(steps: int, heldout: list, evaluate_base: bool, variant: str = "ours") -> dict:
@@ -152,7 +164,7 @@ def run_ours(steps: int, heldout: list, evaluate_base: bool, variant: str = "our
     from worker.training.chunked_loss import DEFAULT_CHUNK_TOKENS
     from worker.training.interface import TrainingJob
 
-    chunked, checkpointing = VARIANTS[variant]
+    chunked, checkpointing, _ = VARIANTS[variant]
 
     examples = synthetic_chats(N_TRAIN, SEED)  # the recipe shuffles them itself, with the same seed
     config = resolve_training(
@@ -276,7 +288,7 @@ def run_baseline(steps: int, heldout: list, evaluate_base: bool) -> dict:
 
 def worker_main(method: str, steps: int, result_path: Path, evaluate_base: bool) -> None:
     heldout = synthetic_chats(N_HELDOUT, SEED + 1)
-    if method == "baseline":
+    if method in BASELINES:
         result = run_baseline(steps, heldout, evaluate_base)
     else:
         result = run_ours(steps, heldout, evaluate_base, method)
@@ -290,13 +302,18 @@ def worker_main(method: str, steps: int, result_path: Path, evaluate_base: bool)
 
 
 def run_worker(method: str, steps: int, evaluate_base: bool) -> dict:
+    """One training run in a process of its own, on the method's allocator."""
+    from worker.allocator import allocator_environment
+
+    allocator = BASELINES[method] if method in BASELINES else VARIANTS[method][2]
+    env = allocator_environment(os.environ, allocator)
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--worker", method, "--steps", str(steps), "--result", str(result_path)]
         if evaluate_base:
             command.append("--evaluate-base")
         started = time.perf_counter()
-        subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, env=env)
         result = json.loads(result_path.read_text())
         result["process_seconds"] = time.perf_counter() - started
         return result
@@ -421,8 +438,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=[*VARIANTS, "baseline"])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="recipe variants to run, comma-separated")
+    parser.add_argument("--worker", choices=[*VARIANTS, *BASELINES])
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"variants to run besides 'baseline', comma-separated, of {', '.join([*VARIANTS, *BASELINES])}")
     parser.add_argument("--result", type=Path)
     parser.add_argument("--evaluate-base", action="store_true")
     args = parser.parse_args()
@@ -452,6 +470,7 @@ def main() -> None:
         "ours": ours,
         "baseline": base,
         "variants": {method: summarize(runs[method]) for method in methods if method not in ("ours", "baseline")},
+        "allocators": {method: BASELINES.get(method) or VARIANTS[method][2] for method in methods},
         "speedup_median": ours["tokens_per_second_median"] / base["tokens_per_second_median"],
         "speedup_best": ours["tokens_per_second_best"] / base["tokens_per_second_best"],
         "speedup_best_steps": ours["tokens_per_second_best_steps"] / base["tokens_per_second_best_steps"],

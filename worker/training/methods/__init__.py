@@ -7,6 +7,7 @@ from peft import get_peft_model
 from torch import nn
 
 from core.schemas.training import ResolvedTraining
+from worker.training.fused_lora import use_fused_lora
 from worker.training.methods.base import AttachedMethod, count_params
 from worker.training.methods.bottleneck_method import BottleneckMethod
 from worker.training.methods.bottleneck_module import attach_bottleneck_adapters, config_for_model
@@ -41,5 +42,6 @@ def attach_method(
         return BottleneckMethod(causal_lm, adapters, base_params)
     peft_config = peft_config_for(config, causal_lm, base_model_path=base_model_path, total_steps=total_steps)
     model = get_peft_model(causal_lm, peft_config)
+    use_fused_lora(model)
     wrapper = AdaLoraMethod if method == "adalora" else PeftMethod
     return wrapper(method, model, base_params)
