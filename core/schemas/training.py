@@ -112,7 +112,10 @@ class PeftConfigSpec(BaseModel):
     max_seq_length: int = Field(1024, ge=16, le=32768)
     packing: bool | None = Field(None, description="defaults to true, except for prompt-learning methods")
     train_on_inputs: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Auto = Field(
+        "auto", description="recompute each layer's activations in backward: true, false, or auto (on when a row's "
+        "measured activations would exceed half the memory available to the worker)"
+    )
     learning_rate: float | None = Field(None, gt=0, le=1, description="overrides the multiplier")
     lr_scheduler: LrScheduler = "linear"
     warmup_ratio: float = Field(0.03, ge=0, le=0.5)
@@ -161,7 +164,7 @@ def spec_problems(spec: PeftConfigSpec) -> list[tuple[str, str]]:
     if method in PROMPT_LEARNING and spec.packing:
         problems.append(("peft.packing", f"method '{method}' prepends virtual tokens to every example, so "
                          "examples cannot be packed; leave packing unset or false"))
-    if method == "prefix_tuning" and spec.gradient_checkpointing:
+    if method == "prefix_tuning" and spec.gradient_checkpointing is True:
         problems.append(("peft.gradient_checkpointing", "method 'prefix_tuning' feeds every layer a prefix cache, "
                          "which activation checkpointing cannot recompute; leave it off"))
     if spec.adalora is not None and spec.adalora.init_r is not None and spec.adalora.init_r < spec.r:

@@ -45,8 +45,14 @@ NO_GRADIENT_CHECKPOINTING = ("prefix_tuning",)
 
 
 def gradient_checkpointing_applies(config: ResolvedTraining) -> bool:
-    """Whether the job trains with activation checkpointing: asked for, and possible for its method."""
-    return config.peft.gradient_checkpointing and config.peft.method not in NO_GRADIENT_CHECKPOINTING
+    """Whether the job trains with activation checkpointing from the start: asked for (true), and possible for
+    its method. `"auto"` is decided once the model is loaded (`worker.training.activation_memory`)."""
+    return config.peft.gradient_checkpointing is True and config.peft.method not in NO_GRADIENT_CHECKPOINTING
+
+
+def enable_activation_checkpointing(causal_lm: torch.nn.Module) -> None:
+    """Checkpoint every decoder layer (non-reentrant: no input-requires-grad hook needed)."""
+    causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_model_for_training(
@@ -71,8 +77,7 @@ def load_model_for_training(
         base_model_path, config.quantization, device, training=True, skip_modules=skip_modules
     )
     if gradient_checkpointing_applies(config):
-        # Non-reentrant checkpointing needs no input-requires-grad hook.
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(base)
     techniques.before_attach(base)
     added = techniques.added_params()
     method = attach_method(

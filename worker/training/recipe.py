@@ -20,6 +20,7 @@ from core.datasets import Example
 from core.schemas.peft_methods import PROMPT_LEARNING
 from worker.base_loading import load_tokenizer
 from worker.device import choose_device
+from worker.training.activation_memory import choose_checkpointing
 from worker.training.artifacts import probe_record
 from worker.training.checkpoint import load_training_checkpoint, save_training_checkpoint
 from worker.training.chunked_loss import DEFAULT_CHUNK_TOKENS, chunked_token_logps
@@ -33,7 +34,9 @@ from worker.training.data import (
 )
 from worker.training.interface import JobContext, TrainingJob, TrainingStopped, TrainResult
 from worker.training.model import (
+    NO_GRADIENT_CHECKPOINTING,
     LoadedModel,
+    enable_activation_checkpointing,
     evaluation_mode,
     gradient_checkpointing_applies,
     load_model_for_training,
@@ -149,7 +152,7 @@ class FineTuneRecipe:
                      else str(self.job.start_adapter_dir))
             self.ctx.event(f"starting from the weights of {named}",
                            data={"start_adapter": parent.id if parent else None})
-        if spec.gradient_checkpointing and not gradient_checkpointing_applies(self.config):
+        if spec.gradient_checkpointing is True and not gradient_checkpointing_applies(self.config):
             self.ctx.event(f"gradient checkpointing is off: method {spec.method} cannot use it", level="warning",
                            data={"gradient_checkpointing": False})
         causal_lm = self.loaded.causal_lm
@@ -158,6 +161,8 @@ class FineTuneRecipe:
             use_packed_attention(causal_lm)
         self.decoder = causal_lm.get_decoder()
         self.lm_head = causal_lm.get_output_embeddings()
+        if spec.gradient_checkpointing == "auto" and spec.method not in NO_GRADIENT_CHECKPOINTING:
+            self._choose_checkpointing(causal_lm)
         self.quantization = quantization_report(self.loaded.model)
         self.ctx.event(_describe_quantization(self.quantization), data=self.quantization)
 
@@ -169,6 +174,16 @@ class FineTuneRecipe:
             num_training_steps=self.total_steps,
         )
         self._resume_if_checkpointed()
+
+    def _choose_checkpointing(self, causal_lm: torch.nn.Module) -> None:
+        """`gradient_checkpointing: "auto"`: measure the activations per token, decide for the largest row."""
+        choice = choose_checkpointing(
+            self.loaded.model, self.decoder, self.device.device, row_tokens=self.row_token_cap,
+            vocab_size=self.lm_head.weight.shape[0], chunk_tokens=self.loss_chunk_tokens,
+        )
+        if choice.enabled:
+            enable_activation_checkpointing(causal_lm)
+        self.ctx.event(choice.message(), data=choice.data())
 
     def _build_optimizer(self) -> None:
         """AdamW over every trainable parameter, in groups when the techniques need them (layer-wise

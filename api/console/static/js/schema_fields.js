@@ -39,7 +39,8 @@ export function hintText(info) {
 
 /** The control kind for a schema property. */
 export function kindOf(info) {
-  if (info.type === "boolean") return info.nullable || info.default === undefined ? "tri" : "check";
+  // a checkbox only for a plain boolean with a boolean default; `true | false | "auto"` gets on / off / default
+  if (info.type === "boolean") return info.nullable || typeof info.default !== "boolean" ? "tri" : "check";
   if (info.enum) return "enum";
   if (info.type === "integer" || info.type === "number") return "number";
   if (info.type === "array") return "list";
