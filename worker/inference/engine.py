@@ -13,7 +13,7 @@ from worker.inference.adapter_slots import install_adapter_slots
 from worker.inference.adapters import AdapterManager
 from worker.inference.chunked_prefill import DEFAULT_CHUNK_TOKENS
 from worker.inference.cpu_threads import on_short_lived_thread
-from worker.inference.fast_linear import use_onednn_linears
+from worker.inference.fast_linear import LinearKernels, use_onednn_linears
 from worker.inference.generation import (
     ErrorEvent,
     FinishEvent,
@@ -48,7 +48,8 @@ class InferenceEngine:
     Adapters of any served kind (see `worker.formats.served`) are loaded into slots through `engine.adapters`
     (an `AdapterManager`) and picked per request by name. Use as a context manager, or call `close()`
     to stop the loop thread. `metrics` labels its Prometheus series (default: by the model folder's name).
-    `onednn_linears`: on CPU, run the plain linears through oneDNN (see `worker.inference.fast_linear`).
+    `onednn_linears`: on CPU, let the plain linears take oneDNN for the row counts where it measured faster at
+    start (see `worker.inference.fast_linear`).
     `prefill_chunk_tokens`: longer prompts prefill a chunk per decode step (`worker.inference.chunked_prefill`).
     """
 
@@ -76,11 +77,14 @@ class InferenceEngine:
         self.tokenizer = load_tokenizer(model_dir)
         self.quantization = quantization
 
+        self.linear_kernels = LinearKernels()
+        """Which kernel the plain CPU linears take, by row count (`worker.inference.fast_linear`)."""
+
         def load() -> None:
             self.model = load_base_model(model_dir, quantization, choice, training=False)
             self.slots = install_adapter_slots(self.model, max_loaded_adapters, max_lora_rank, self.dtype, quantization)
-            if onednn_linears and self.device.type == "cpu":
-                use_onednn_linears(self.model)
+            if onednn_linears and self.device.type == "cpu" and use_onednn_linears(self.model, self.linear_kernels):
+                self.linear_kernels.calibrate(self._calibration_forward)
 
         on_short_lived_thread(load, "base-model-load")  # see worker.inference.cpu_threads
         self.adapters = AdapterManager(self.slots, max_loaded_adapters, metrics=self.metrics)
@@ -92,6 +96,13 @@ class InferenceEngine:
             prefill_chunk_tokens=prefill_chunk_tokens,
         )
         self._scheduler.start()
+
+    def _calibration_forward(self, rows: int) -> None:
+        """One base-model forward over `rows` positions of one sequence (what `LinearKernels` times)."""
+        positions = getattr(self.model.config, "max_position_embeddings", None) or rows
+        input_ids = torch.zeros((1, min(rows, positions)), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.model.get_decoder()(input_ids=input_ids, use_cache=False)
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
