@@ -47,12 +47,15 @@ class LinearKernels:
         self.onednn_by_bucket: dict[int, bool] = {bucket: True for bucket in ROW_BUCKETS}
         self.forced: bool | None = None
         self.timings_ms: dict[int, dict[str, float]] = {}
+        self._bucket_of: dict[int, int] = {}
 
     def use_onednn(self, rows: int) -> bool:
         """Whether a call multiplying `rows` rows takes oneDNN."""
         if self.forced is not None:
             return self.forced
-        bucket = min(ROW_BUCKETS, key=lambda size: abs(math.log(max(rows, 1) / size)))
+        bucket = self._bucket_of.get(rows)
+        if bucket is None:  # once per row count: every linear of a step asks
+            bucket = self._bucket_of[rows] = min(ROW_BUCKETS, key=lambda size: abs(math.log(max(rows, 1) / size)))
         return self.onednn_by_bucket[bucket]
 
     def calibrate(self, run: Callable[[int], None], repeats: int = CALIBRATION_REPEATS) -> None:
