@@ -72,6 +72,15 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(hidden, weight, bias).float()
 
 
+def _chunk_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's (fp32 logits, log-sum-exp, log p(target))."""
+    logits = _chunk_logits(hidden, weight, bias)
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits, lse, logits.gather(1, targets[:, None]).squeeze(1) - lse
+
+
 def _logp_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """d log_softmax(logits)[target] / d logits = one_hot(target) - softmax, in place of `logits`."""
     grad = logits.sub_(lse[:, None]).exp_().neg_()
@@ -87,9 +96,7 @@ class _FrozenHeadTokenLogps(torch.autograd.Function):
         unit_grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            logits = _chunk_logits(hidden[rows], weight, bias)
-            lse = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
+            logits, lse, logps[rows] = _chunk_logps(hidden[rows], weight, bias, targets[rows])
             unit_grad[rows] = _logp_grad(logits, lse, targets[rows]).to(hidden.dtype) @ weight
         ctx.save_for_backward(unit_grad)
         return logps
@@ -110,9 +117,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            logits = _chunk_logits(hidden[rows], weight, bias)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+            _, lse[rows], logps[rows] = _chunk_logps(hidden[rows], weight, bias, targets[rows])
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_tokens = chunk_tokens
         return logps
