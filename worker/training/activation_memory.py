@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from worker.training.model import modes_restored
+
 AUTO_SHARE = 0.5
 """Checkpoint when the estimated activations exceed this share of the available memory."""
 PROBE_TOKENS = 64
@@ -88,13 +90,9 @@ def activation_bytes_per_token(model: nn.Module, decoder: nn.Module, device: tor
 def _training_mode(model: nn.Module) -> Iterator[None]:
     """Every module in training mode (dropout on; bitsandbytes' 4-bit layers must never run a forward in eval
     mode here, see `worker.training.model.evaluation_mode`), then each back to its own mode."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.train()
-    try:
+    with modes_restored(model):
+        model.train()
         yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def loss_chunk_bytes(chunk_tokens: int | None, row_tokens: int, vocab_size: int, element_size: int) -> int:

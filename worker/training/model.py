@@ -99,11 +99,18 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
     """
     import bitsandbytes as bnb
 
+    with modes_restored(model):
+        model.eval()
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.training = True
+        yield
+
+
+@contextmanager
+def modes_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Afterwards, every module back in the training or eval mode it had before the block."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.training = True
     try:
         yield
     finally:
