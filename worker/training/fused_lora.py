@@ -39,14 +39,18 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
     return keep, _MASK_LEVELS / (_MASK_LEVELS - dropped_levels)
 
 
+def _dropped_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x as [rows, features] with the dropped features zeroed (unscaled)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if keep is None else flat * keep.reshape(flat.shape)
+
+
 class LoraDelta(torch.autograd.Function):
     """`((x * keep) @ A.T) @ B.T * scale` keeping x, the bool mask and the rank-r product for backward."""
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, keep, scale):
-        flat = x.reshape(-1, x.shape[-1])
-        dropped = flat if keep is None else flat * keep.reshape(flat.shape)
-        scaled_h = (dropped @ weight_a.T).mul_(scale)
+        scaled_h = (_dropped_rows(x, keep) @ weight_a.T).mul_(scale)
         out = scaled_h @ weight_b.T
         ctx.save_for_backward(x, keep, scaled_h, weight_a, weight_b)
         ctx.scale = scale
@@ -61,10 +65,8 @@ class LoraDelta(torch.autograd.Function):
         grad_b = grad.T @ scaled_h if need_b else None
         grad_h = (grad @ weight_b).mul_(ctx.scale)
         grad_a = grad_x = None
-        if need_a:
-            flat = x.reshape(-1, x.shape[-1])
-            dropped = flat if keep is None else flat * keep.reshape(flat.shape)
-            grad_a = grad_h.T @ dropped
+        if need_a:  # the dropped input is recomputed from x and the mask rather than kept
+            grad_a = grad_h.T @ _dropped_rows(x, keep)
         if need_x:
             grad_x = grad_h @ weight_a
             if keep is not None:
