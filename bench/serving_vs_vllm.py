@@ -2,7 +2,8 @@
 
 Same model (SmolLM2-135M-Instruct, fp32), same 8 LoRA adapters of r=16 on all linears, same requests:
 16 concurrent greedy chat requests x 32 tokens on the base, on one adapter and mixed over the 8;
-time to first token of one streamed request, idle and under load (16 running, 1 arriving). The named
+time to first token of one streamed request, idle and under load (16 running, 1 arriving), and idle
+for a question neither engine has seen (only the chat template's opening is shared). The named
 baseline is vLLM; ratios are ours / vLLM (above 1 is better for throughput, below 1 for time to first token).
 
 Each engine gets the whole machine in turn and the two alternate within every repeat (the CPU's
@@ -43,12 +44,13 @@ import serving  # noqa: E402
 
 # The fleet benchmark's workload: the same questions, concurrency and completion length.
 RESULTS_DIR, CONCURRENCY, NEW_TOKENS, QUESTIONS = fleet.RESULTS_DIR, fleet.CONCURRENCY, fleet.NEW_TOKENS, fleet.QUESTIONS
-METRICS = ("base_tok_s", "one_adapter_tok_s", "mixed_8_tok_s", "ttft_base_s", "ttft_loaded_s")
+METRICS = ("base_tok_s", "one_adapter_tok_s", "mixed_8_tok_s", "ttft_base_s", "ttft_new_prompt_s", "ttft_loaded_s")
 LABELS = {
     "base_tok_s": "base, 16 concurrent (tok/s)",
     "one_adapter_tok_s": "one adapter, 16 (tok/s)",
     "mixed_8_tok_s": "8 adapters mixed, 16 (tok/s)",
     "ttft_base_s": "time to first token, base, idle (ms)",
+    "ttft_new_prompt_s": "time to first token, base, idle, a question not asked before (ms)",
     "ttft_loaded_s": "time to first token, 16 running + 1 arriving (ms)",
 }
 
@@ -63,8 +65,10 @@ class Engine:
     adapters: list[str]
     headers: dict[str, dict[str, str]] = field(default_factory=dict)  # per model: extra request headers
 
-    def request(self, model: str, i: int, stream: bool = False) -> tuple[dict, dict[str, str]]:
-        body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+    def request(self, model: str, i: int, stream: bool = False, question: str | None = None):
+        """The chat body of request `i` (QUESTIONS cycled, unless `question` is given) and its headers."""
+        question = question or QUESTIONS[i % len(QUESTIONS)]
+        body = {"model": model, "messages": [{"role": "user", "content": question}],
                 "max_tokens": NEW_TOKENS, "temperature": 0, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
@@ -79,8 +83,9 @@ async def _one(client: httpx.AsyncClient, engine: Engine, model: str, i: int) ->
     return answer.json()["usage"]["completion_tokens"]
 
 
-async def _first_token(client: httpx.AsyncClient, engine: Engine, model: str, i: int) -> float:
-    body, headers = engine.request(model, i, stream=True)
+async def _first_token(client: httpx.AsyncClient, engine: Engine, model: str, i: int,
+                       question: str | None = None) -> float:
+    body, headers = engine.request(model, i, stream=True, question=question)
     start = time.perf_counter()
     first = None
     async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as answer:
@@ -114,6 +119,20 @@ async def ttft_idle(engine: Engine) -> float:
         return await _first_token(client, engine, engine.base, 1)
 
 
+NEW_QUESTIONS = [
+    "Which planet has the most moons?", "What makes popcorn pop?", "Can octopuses change color?",
+    "Summarize the plot of Hamlet.", "List three uses of copper.", "Where do rainbows come from?",
+    "Who invented the telephone?", "When did the Roman Empire fall?", "Is glass a liquid?",
+    "Should I water cacti often?", "Give me a recipe for pancakes.", "Compare cats and dogs as pets.",
+]
+"""One per round, each opening differently: neither engine can reuse more than the chat template's opening."""
+
+
+async def ttft_new_prompt(engine: Engine, round_index: int) -> float:
+    async with httpx.AsyncClient(base_url=engine.url, timeout=600) as client:
+        return await _first_token(client, engine, engine.base, 0, NEW_QUESTIONS[round_index % len(NEW_QUESTIONS)])
+
+
 async def ttft_loaded(engine: Engine) -> float:
     """First-token time of one request that arrives while CONCURRENCY others decode (mixed adapters)."""
     async with httpx.AsyncClient(base_url=engine.url, timeout=600) as client:
@@ -129,14 +148,15 @@ SETTLE_SECONDS = 5
 """Idle time before each engine's round, so that the other engine's last work and its spinning threads are over."""
 
 
-def engine_round(engine: Engine) -> dict[str, float]:
-    """One repeat of every measurement on one engine."""
+def engine_round(engine: Engine, round_index: int) -> dict[str, float]:
+    """One repeat of every measurement on one engine (round `round_index` picks its new question)."""
     time.sleep(SETTLE_SECONDS)
     return {
         "base_tok_s": asyncio.run(burst(engine, [engine.base])),
         "one_adapter_tok_s": asyncio.run(burst(engine, engine.adapters[:1])),
         "mixed_8_tok_s": asyncio.run(burst(engine, engine.adapters)),
         "ttft_base_s": asyncio.run(ttft_idle(engine)),
+        "ttft_new_prompt_s": asyncio.run(ttft_new_prompt(engine, round_index)),
         "ttft_loaded_s": asyncio.run(ttft_loaded(engine)),
     }
 
@@ -212,11 +232,11 @@ def main() -> None:
             if not args.ours_only:
                 vllm_process, engines["vllm"] = start_vllm(model_dir, folders)
             for engine in engines.values():  # warm-up: first-request costs stay out of the figures
-                engine_round(engine)
+                engine_round(engine, 0)
             rows: dict[str, list] = {name: [] for name in engines}
             for repeat in range(args.repeats):
                 for name in (list(engines) if repeat % 2 == 0 else list(engines)[::-1]):
-                    rows[name].append(engine_round(engines[name]))
+                    rows[name].append(engine_round(engines[name], repeat + 1))
                     print(name, {k: round(v, 3) for k, v in rows[name][-1].items()}, flush=True)
         finally:
             if vllm_process is not None:

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     inference_max_batch_size: int = Field(64, ge=1, le=1024, description="sequences one engine decodes together; "
                                           "more wait for a place (a request that finds the batch full waits for a "
                                           "running one to finish before its first token)")
+    inference_prefix_cache_mb: int = Field(256, ge=0, le=1_048_576, description="memory our engine keeps for "
+                                           "prompt prefixes already prefilled, per base and adapter, so that prompts "
+                                           "opening the same way prefill only the rest (0: off)")
     max_lora_rank: int = Field(64, description="largest LoRA rank accepted for import and serving")
     pinned_adapters: str = Field("", description="comma-separated adapter refs loaded at start and never evicted")
     merged_adapter: str | None = Field(None, description="serve this one adapter merged into the base")

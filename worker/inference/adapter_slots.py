@@ -34,6 +34,7 @@ class AdapterSlots:
         self.blocks = BottleneckSlots(model, linears)
         self.prompts = PromptSlots(linears.device, linears.dtype)
         self.layout = _base_layout(model, linears, quantization)
+        self._generations = [0] * self.n_slots  # bumped whenever a slot's content changes
 
     @property
     def strategy(self) -> str:
@@ -63,6 +64,7 @@ class AdapterSlots:
         on_short_lived_thread(lambda: self._write_slot(slot, adapter), "adapter-write")
 
     def _write_slot(self, slot: int, adapter: ServedAdapter) -> None:
+        self._generations[slot] += 1
         self.blocks.write_slot(slot, adapter.bottleneck)
         self.prompts.write_slot(slot, adapter.prompt)
         self.linears.write_linear_terms(slot, adapter.lora, adapter.ia3, adapter.deltas,
@@ -79,9 +81,18 @@ class AdapterSlots:
         on_short_lived_thread(lambda: self._clear_slot(slot), "adapter-clear")
 
     def _clear_slot(self, slot: int) -> None:
+        self._generations[slot] += 1
         self.linears.clear_slot(slot)
         self.blocks.write_slot(slot, None)
         self.prompts.write_slot(slot, None)
+
+    def owner(self, slot: int | None) -> tuple[int, int] | None:
+        """Who computes a row's keys and values: None for the base, else the slot and what it holds now.
+
+        Stored prefixes are keyed by it (`worker.inference.prefix_cache`), so an adapter written into a
+        slot never sees the keys and values of the one that held it before.
+        """
+        return None if slot is None else (slot, self._generations[slot])
 
     @contextmanager
     def route(self, row_slots: Sequence[int | None]) -> Iterator[RowRouting]:

@@ -23,6 +23,7 @@ from worker.inference.generation import (
     TokenEvent,
 )
 from worker.inference.metrics import ServingMetrics
+from worker.inference.prefix_cache import PrefixCache
 from worker.inference.scheduler import ActiveSequence, BatchScheduler
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 END_OF_TURN_TOKENS = ("<|im_end|>",)
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
 SERVING_QUANTIZATIONS = ("nf4-dq", "none")
 """The base's storage when serving: 4-bit NF4 with double quantization, or full precision."""
 
@@ -51,6 +53,8 @@ class InferenceEngine:
     `onednn_linears`: on CPU, let the plain linears take oneDNN for the row counts where it measured faster at
     start (see `worker.inference.fast_linear`).
     `prefill_chunk_tokens`: longer prompts prefill a chunk per decode step (`worker.inference.chunked_prefill`).
+    `prefix_cache_bytes`: memory for the keys and values of prompt prefixes already prefilled, which prompts that
+    open the same way reuse (`worker.inference.prefix_cache`); 0 turns it off.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class InferenceEngine:
         metrics: ServingMetrics | None = None,
         onednn_linears: bool = True,
         prefill_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -93,7 +98,7 @@ class InferenceEngine:
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._scheduler = BatchScheduler(
             self.model, self.slots, self.decode, self.eos_token_ids, max_batch_size, self.device, metrics=self.metrics,
-            prefill_chunk_tokens=prefill_chunk_tokens,
+            prefill_chunk_tokens=prefill_chunk_tokens, prefix_cache=PrefixCache(prefix_cache_bytes),
         )
         self._scheduler.start()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from core.schemas.replicas import ReplicaStatus
 from core.settings import get_settings
@@ -117,6 +117,12 @@ class ReplicaStateCollector:
         yield gauge("patchbay_inference_in_flight", "Generations waiting or running now.", status.load)
         yield gauge("patchbay_inference_queue_length", "Generations waiting to join the batch (vLLM: its in-flight "
                     "requests, whose queue it keeps).", status.stats.get("waiting", status.load))
+        if "prefix_cache_hit_tokens" in status.stats:  # our engine, with stored prefixes on
+            family = CounterMetricFamily("patchbay_inference_prefix_cache_hit_tokens", "Prompt tokens whose keys and "
+                                         "values came from a stored prefix instead of a prefill.",
+                                         labels=["base", "engine"])
+            family.add_metric(labels, status.stats["prefix_cache_hit_tokens"])
+            yield family
 
 
 def metrics_registry(status: Callable[[], ReplicaStatus]) -> CollectorRegistry:

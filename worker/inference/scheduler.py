@@ -13,6 +13,10 @@ peft). Either way the sequence's context length counts those positions, so decod
 
 A prompt longer than `prefill_chunk_tokens` is prefilled a chunk per iteration instead, between the
 running batch's decode steps (`worker.inference.chunked_prefill`), so it never stalls them for long.
+
+A plain prompt (no virtual tokens, no prefix) that opens with a prefix already prefilled for the same
+adapter starts from those stored keys and values (`worker.inference.prefix_cache`): only the rest is
+prefilled, together with the rows that start from the same stored prefix.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from worker.inference.chunked_prefill import DEFAULT_CHUNK_TOKENS, ChunkedPrefil
 from worker.inference.generation import ErrorEvent, FinishEvent, GenerationHandle, GenerationRequest, TokenEvent
 from worker.inference.kv_batch import PaddedKVBatch
 from worker.inference.metrics import SequenceMetrics, ServingMetrics
+from worker.inference.prefix_cache import PrefixCache, PrefixHit
 from worker.inference.sampling import choose_token, make_generator, token_logprob
 from worker.inference.text_stream import TextStream
 
@@ -50,6 +55,7 @@ class ActiveSequence:
     metrics: SequenceMetrics | None = None  # its time to first token, inter-token latency and token count
     generator: torch.Generator = field(init=False)
     context_len: int = 0  # tokens in this sequence's KV cache
+    cached_prefix: PrefixHit | None = None  # the stored prompt prefix its prefill starts from
     next_token: int | None = None  # sampled, not yet fed to the model
     completion_tokens: int = 0
     finished: bool = False
@@ -77,8 +83,10 @@ class BatchScheduler:
         max_prefill_tokens: int = 4096,
         metrics: ServingMetrics | None = None,
         prefill_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._model = model
+        self._prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self._metrics = metrics
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
@@ -143,6 +151,9 @@ class BatchScheduler:
         with self._wakeup:
             stats["waiting"] = len(self._waiting)
         stats["running"] = len(self._running)
+        if self._prefix_cache is not None:
+            cached = self._prefix_cache.stats()
+            stats["prefix_cache_hits"], stats["prefix_cache_hit_tokens"] = cached["hits"], cached["hit_tokens"]
         return stats
 
     def _wake(self) -> None:
@@ -203,8 +214,10 @@ class BatchScheduler:
             if sequence.handle.cancelled:
                 self._fail(sequence, "the request was cancelled")
         admitted = [s for s in admitted if not s.finished]
+        for sequence in admitted:
+            self._look_up_prefix(sequence)
         for sequence in [s for s in admitted if self._chunkable(s)]:
-            self._chunked.append((sequence, ChunkedPrefill(sequence.request.prompt_ids, self._kv.new_prefill_cache())))
+            self._chunked.append((sequence, self._chunked_prefill(sequence)))
         admitted = [s for s in admitted if not self._chunkable(s)]
         for group in self._prefill_groups(admitted):
             try:
@@ -220,11 +233,30 @@ class BatchScheduler:
             if joined_running:
                 self._count("joined_running_batch", len(rows))
 
-    def _chunkable(self, sequence: ActiveSequence) -> bool:
-        """A plain prompt (no virtual tokens, no prefix) longer than one prefill chunk."""
+    def _plain_prompt(self, sequence: ActiveSequence) -> bool:
+        """Whether the sequence's cache holds its prompt alone (its adapter adds no virtual tokens or prefix)."""
         prompts = self._bank.prompts
-        return (len(sequence.request.prompt_ids) > self.prefill_chunk_tokens
-                and prompts.virtual_tokens(sequence.slot) is None and prompts.prefix(sequence.slot) is None)
+        return prompts.virtual_tokens(sequence.slot) is None and prompts.prefix(sequence.slot) is None
+
+    def _chunkable(self, sequence: ActiveSequence) -> bool:
+        """A plain prompt whose part still to prefill is longer than one prefill chunk."""
+        return self._fed_length(sequence) > self.prefill_chunk_tokens and self._plain_prompt(sequence)
+
+    def _chunked_prefill(self, sequence: ActiveSequence) -> ChunkedPrefill:
+        cache, hit = self._kv.new_prefill_cache(), sequence.cached_prefix
+        if hit is not None:
+            hit.seed(cache, 1)
+        return ChunkedPrefill(sequence.request.prompt_ids, cache, done=0 if hit is None else hit.length)
+
+    def _look_up_prefix(self, sequence: ActiveSequence) -> None:
+        if self._prefix_cache is not None and self._plain_prompt(sequence):
+            owner = self._bank.owner(sequence.slot)
+            sequence.cached_prefix = self._prefix_cache.lookup(owner, sequence.request.prompt_ids)
+
+    def _store_prefix(self, sequence: ActiveSequence, cache: DynamicCache, row: int) -> None:
+        """Keep the prompt's keys and values (row `row` of its prefill cache) for later prompts."""
+        if self._prefix_cache is not None and self._plain_prompt(sequence):
+            self._prefix_cache.store(self._bank.owner(sequence.slot), sequence.request.prompt_ids, cache, row)
 
     def _advance_chunked(self) -> None:
         """Feed the next chunk of the oldest long prompt (while others decode), or all of them (while none do)."""
@@ -251,6 +283,7 @@ class BatchScheduler:
                 sequence.context_len = len(prefill.prompt_ids)
                 joined_running = bool(self._running)
                 self._accept(sequence, logits)
+                self._store_prefix(sequence, prefill.cache, 0)
                 if not sequence.finished:
                     self._running.append(sequence)
                     self._kv.append(prefill.cache, [sequence.context_len], [0])
@@ -260,12 +293,16 @@ class BatchScheduler:
                 return
 
     def _prefill_groups(self, sequences: list[ActiveSequence]) -> list[list[ActiveSequence]]:
-        """Prefix-tuning rows per adapter, all others together; split so that each padded prefill stays
-        within `max_prefill_tokens`."""
+        """Prefix-tuning rows per adapter, rows that start from a stored prefix per prefix, all others together;
+        split so that each padded prefill stays within `max_prefill_tokens`."""
         prompts = self._bank.prompts
-        by_prefix: dict[int | None, list[ActiveSequence]] = {}
+        by_prefix: dict[tuple | None, list[ActiveSequence]] = {}
         for sequence in sequences:
-            key = sequence.slot if prompts.prefix(sequence.slot) is not None else None
+            key = None
+            if prompts.prefix(sequence.slot) is not None:
+                key = ("prefix tuning", sequence.slot)
+            elif sequence.cached_prefix is not None:
+                key = ("stored prefix", sequence.cached_prefix.group_key)
             by_prefix.setdefault(key, []).append(sequence)
         groups: list[list[ActiveSequence]] = []
         for members in by_prefix.values():
@@ -279,18 +316,28 @@ class BatchScheduler:
         return groups
 
     def _fed_length(self, sequence: ActiveSequence) -> int:
-        """Positions the prefill forward computes for the sequence: virtual tokens (if any) + prompt."""
+        """Positions the prefill forward computes for the sequence: virtual tokens (if any) + uncached prompt."""
         virtual = self._bank.prompts.virtual_tokens(sequence.slot)
-        return len(sequence.request.prompt_ids) + (0 if virtual is None else virtual.shape[0])
+        return len(self._uncached_prompt(sequence)) + (0 if virtual is None else virtual.shape[0])
+
+    @staticmethod
+    def _uncached_prompt(sequence: ActiveSequence) -> list[int]:
+        """The prompt's ids after its stored prefix (all of them without one)."""
+        hit = sequence.cached_prefix
+        return sequence.request.prompt_ids if hit is None else sequence.request.prompt_ids[hit.length :]
 
     def _prefill(self, group: list[ActiveSequence]) -> tuple[DynamicCache, list[int]]:
         """One right-padded forward over the prompts; sample each first token. Returns (cache, lengths)."""
         prompts = self._bank.prompts
         fed = [self._fed_length(s) for s in group]
         cache = self._kv.new_prefill_cache()
-        prefix_length = prompts.count(group[0].slot) if prompts.prefix(group[0].slot) is not None else 0
-        if prefix_length:  # a prefix group: every row has the same prefix adapter
+        prefix_length, hit = 0, group[0].cached_prefix
+        if prompts.prefix(group[0].slot) is not None:  # a prefix group: every row has the same prefix adapter
+            prefix_length = prompts.count(group[0].slot)
             prompts.seed_cache(cache, group[0].slot, len(group))
+        elif hit is not None:  # every row starts from the same stored prefix
+            prefix_length = hit.length
+            hit.seed(cache, len(group))
         with self._bank.route([s.slot for s in group]):
             hidden = self._decoder(**self._prefill_inputs(group, max(fed)), cache=cache, use_cache=True)
         hidden = hidden.last_hidden_state
@@ -303,11 +350,13 @@ class BatchScheduler:
         for sequence, length, row in zip(group, lengths, logits):
             sequence.context_len = length
             self._accept(sequence, row)
+        for row, sequence in enumerate(group):  # after the first tokens are out: this is off their critical path
+            self._store_prefix(sequence, cache, row)
         return cache, lengths
 
     def _prefill_inputs(self, group: list[ActiveSequence], width: int) -> dict[str, torch.Tensor]:
         """Right-padded `input_ids`, or `inputs_embeds` with each row's virtual tokens before its prompt."""
-        prompts = [s.request.prompt_ids for s in group]
+        prompts = [self._uncached_prompt(s) for s in group]
         virtual = [self._bank.prompts.virtual_tokens(s.slot) for s in group]
         if all(v is None for v in virtual):
             ids = [p + [0] * (width - len(p)) for p in prompts]

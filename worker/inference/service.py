@@ -43,6 +43,7 @@ class InferenceService:
                                       max_loaded_adapters=settings.max_loaded_adapters,
                                       max_lora_rank=settings.max_lora_rank,
                                       max_batch_size=settings.inference_max_batch_size,
+                                      prefix_cache_bytes=settings.inference_prefix_cache_mb * 2**20,
                                       metrics=ServingMetrics(self.base_model_id))
 
     def _merged_base(self, base_path: Path, adapter_ref: str) -> Path:

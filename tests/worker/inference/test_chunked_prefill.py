@@ -13,7 +13,8 @@ CHUNK = 16
 @pytest.fixture(scope="module")
 def chunking_engine(tiny_model_dir, lora_dirs):
     with InferenceEngine(tiny_model_dir, quantization="none", max_loaded_adapters=3, max_lora_rank=MAX_LORA_RANK,
-                         max_batch_size=8, prefill_chunk_tokens=CHUNK) as engine:
+                         max_batch_size=8, prefill_chunk_tokens=CHUNK, prefix_cache_bytes=0) as engine:
+        # no stored prefixes: these tests count the chunks of prompts that repeat (see test_prefix_cache.py)
         for name in ("A", "B"):
             engine.adapters.ensure(name, lambda name=name: lora_dirs[name])
         yield engine

@@ -106,6 +106,8 @@ def test_requests_and_tokens_move_per_base_and_adapter_with_their_latencies(repl
     assert value(after, "patchbay_inference_ready", base=BASE, engine="patchbay") == 1
     assert value(after, "patchbay_inference_max_resident_adapters", base=BASE, engine="patchbay") == 1
     assert value(after, "patchbay_inference_queue_length", base=BASE, engine="patchbay") == 0
+    # the second base chat repeats the first's prompt: its template's opening came from a stored prefix
+    assert moved("patchbay_inference_prefix_cache_hit_tokens_total", base=BASE, engine="patchbay") >= 16
 
 
 def test_adapter_loads_evictions_and_residency_are_counted(replica):
