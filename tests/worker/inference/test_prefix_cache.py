@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from tests.support.peft_artifacts import token_logprobs
 from tests.worker.inference.conftest import MAX_LORA_RANK, load_peft_reference, peft_greedy
 from worker.inference.engine import GenerationRequest, InferenceEngine
-from worker.inference.prefix_cache import PrefixCache
+from worker.inference.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 
 LAYERS, HEADS, DIM, BLOCK = 2, 3, 4, 4
 BLOCK_BYTES = LAYERS * 2 * HEADS * BLOCK * DIM * 4
@@ -108,6 +108,10 @@ def _sampled_logprobs_equal_peft(engine, reference, jobs) -> None:
         assert result.logprobs == pytest.approx(expected, abs=2e-4), f"adapter {adapter}"
 
 
+def _whole_blocks(tokens: int) -> int:
+    return tokens // DEFAULT_BLOCK_TOKENS * DEFAULT_BLOCK_TOKENS
+
+
 def _greedy(engine, jobs, new_tokens=10):
     handles = [engine.submit(GenerationRequest(p, a, new_tokens, temperature=0.0)) for a, p in jobs]
     return [h.result().token_ids for h in handles]
@@ -127,7 +131,7 @@ def test_prompts_that_share_an_opening_prefill_the_rest_and_equal_peft(caching_e
     assert _greedy(engine, jobs) == expected  # mixed adapters, most rows starting from stored prefixes
     assert [engine.generate(GenerationRequest(p, a, 10, temperature=0.0)).token_ids for a, p in jobs] == expected
     _sampled_logprobs_equal_peft(engine, reference, jobs)
-    assert engine.stats()["prefix_cache_hit_tokens"] - before >= 2 * len(jobs) * (len(opening) // 16 * 16)
+    assert engine.stats()["prefix_cache_hit_tokens"] - before >= 2 * len(jobs) * _whole_blocks(len(opening))
 
 
 def test_an_adapter_written_into_a_slot_never_sees_the_previous_ones_prefixes(caching_engine, lora_dirs, reference,
@@ -150,7 +154,7 @@ def test_a_long_prompt_after_a_stored_prefix_chunks_only_the_rest(caching_engine
     engine = caching_engine
     long_prompt = [token for _ in range(3) for token in prompts[0]] + prompts[1]
     longer = long_prompt + [long_prompt[-1]] * 30
-    for prompt, stored in ((long_prompt, None), (longer, len(long_prompt) // 16 * 16)):
+    for prompt, stored in ((long_prompt, None), (longer, _whole_blocks(len(long_prompt)))):
         before = engine.stats()
         assert _greedy(engine, [(None, prompt)]) == [peft_greedy(reference, None, prompt, 10, engine.eos_token_ids)]
         after = engine.stats()
