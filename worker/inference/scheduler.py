@@ -254,9 +254,15 @@ class BatchScheduler:
             sequence.cached_prefix = self._prefix_cache.lookup(owner, sequence.request.prompt_ids)
 
     def _store_prefix(self, sequence: ActiveSequence, cache: DynamicCache, row: int) -> None:
-        """Keep the prompt's keys and values (row `row` of its prefill cache) for later prompts."""
-        if self._prefix_cache is not None and self._plain_prompt(sequence):
+        """Keep the prompt's keys and values (row `row` of its prefill cache) for later prompts.
+
+        Best effort: a copy that fails (out of memory) costs later prompts a longer prefill, not this request."""
+        if self._prefix_cache is None or not self._plain_prompt(sequence):
+            return
+        try:
             self._prefix_cache.store(self._bank.owner(sequence.slot), sequence.request.prompt_ids, cache, row)
+        except RuntimeError:
+            logger.exception("storing a prompt prefix failed")
 
     def _advance_chunked(self) -> None:
         """Feed the next chunk of the oldest long prompt (while others decode), or all of them (while none do)."""

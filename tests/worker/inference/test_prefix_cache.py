@@ -162,3 +162,15 @@ def test_a_long_prompt_after_a_stored_prefix_chunks_only_the_rest(caching_engine
         assert stored is None or hit == stored
         assert after["prefill_chunks"] - before["prefill_chunks"] == -(-(len(prompt) - hit) // 24)
         _sampled_logprobs_equal_peft(engine, reference, [(None, prompt)])
+
+
+def test_a_prefix_that_cannot_be_stored_costs_the_request_nothing(caching_engine, reference, prompts, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for the prefix")
+
+    monkeypatch.setattr(caching_engine._scheduler._prefix_cache, "store", out_of_memory)
+    prompt = prompts[1] + prompts[0][-6:]  # not stored before
+    expected = [peft_greedy(reference, None, prompt, 10, caching_engine.eos_token_ids)]
+    assert _greedy(caching_engine, [(None, prompt)]) == expected
+    assert _greedy(caching_engine, [(None, prompt), (None, prompts[2])]) == expected + [
+        peft_greedy(reference, None, prompts[2], 10, caching_engine.eos_token_ids)]
