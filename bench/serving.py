@@ -2,10 +2,13 @@
 
 One process, one fp32 base, 8 LoRA adapters of r=16 on all linears, 16 chat requests x 32 greedy
 tokens. Plain peft baselines: one adapter at batch 16, a mixed batch of 16 over the 8 adapters
-(`adapter_names=`), and one adapter at a time (8 batches of 2, `set_adapter` before each). Ours
+(`adapter_names=`), and one adapter at a time (8 batches of 2, `set_adapter` before each), run in a
+process of its own. Ours
 (`worker.inference.InferenceEngine`, continuous batching): the same mixed batch, one adapter at
 batch 16, and the mixed batch with the two other LoRA kernels ("grouped", "gathered"). The
-configurations alternate within each repeat (this machine's CPU speed swings a lot); reported are
+configurations alternate within each repeat (this machine's CPU speed swings a lot). Each side has
+its process to itself, as a server would: in one process, a second thread's idle OpenMP pool stops
+every pool's workers spinning on 2 cores (`worker/inference/cpu_threads.py`). Reported are
 generated tokens/s (min / median over repeats) and ratios of medians. Also timed: loading an
 adapter into a slot (read + validate + copy, and the copy alone) against peft's `load_adapter`.
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -35,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from core.storage import sha256_file  # noqa: E402
+from worker.inference.cpu_threads import on_short_lived_thread  # noqa: E402
 
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -123,17 +128,16 @@ def cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
 class PeftBaseline:
     """Plain peft with the 8 adapters loaded, generating with transformers' `generate`."""
 
-    def __init__(self, model_dir: Path, adapters: list[Path], tokenizer, eos: set[int]):
+    def __init__(self, model_dir: Path, adapters: list[Path]):
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.model = PeftModel.from_pretrained(base, adapters[0], adapter_name="a0")
         for i, folder in enumerate(adapters[1:], start=1):
             self.model.load_adapter(folder, adapter_name=f"a{i}")
         self.model.eval()
-        self.tokenizer = tokenizer
-        self.eos = eos
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def _generate(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
         width = max(len(p) for p in prompts)
@@ -163,6 +167,69 @@ class PeftBaseline:
             for j, row in zip(members, self._generate([prompts[j] for j in members])):
                 rows[j] = row
         return rows
+
+    def load_adapter_seconds(self, folder: Path, repeats: int) -> list[float]:
+        """Seconds for each of `repeats` `load_adapter` calls of `folder` (deleted after each)."""
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            self.model.load_adapter(folder, adapter_name="load-test")
+            seconds.append(time.perf_counter() - started)
+            self.model.delete_adapter("load-test")
+        return seconds
+
+
+def _serve_peft(conn, model_dir: Path, adapters: list[Path]) -> None:
+    """The peft process: build the baseline, then run each (method, args) received and send its result back."""
+    try:
+        peft = PeftBaseline(model_dir, adapters)
+        conn.send(("ok", None))
+    except Exception as exc:  # reported in the parent
+        conn.send(("error", repr(exc)))
+        return
+    while (message := conn.recv()) is not None:
+        method, args = message
+        try:
+            conn.send(("ok", getattr(peft, method)(*args)))
+        except Exception as exc:
+            conn.send(("error", repr(exc)))
+
+
+class PeftProcess:
+    """`PeftBaseline` in a spawned process of its own, called method by method over a pipe."""
+
+    def __init__(self, model_dir: Path, adapters: list[Path]):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_peft, args=(child, model_dir, adapters), daemon=True)
+        self._process.start()
+        self._answer()
+
+    def _answer(self):
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"the peft process failed: {value}")
+        return value
+
+    def _call(self, method: str, *args):
+        self._conn.send((method, args))
+        return self._answer()
+
+    def single_adapter(self, prompts):
+        return self._call("single_adapter", prompts)
+
+    def mixed(self, prompts):
+        return self._call("mixed", prompts)
+
+    def one_at_a_time(self, prompts):
+        return self._call("one_at_a_time", prompts)
+
+    def load_adapter_seconds(self, folder: Path, repeats: int) -> list[float]:
+        return self._call("load_adapter_seconds", folder, repeats)
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=30)
 
 
 class Ours:
@@ -200,10 +267,10 @@ class Ours:
 # ---- adapter load timing ------------------------------------------------------------------------
 
 
-def time_adapter_loads(ours: Ours, peft: PeftBaseline, folder: Path, repeats: int) -> dict:
+def time_adapter_loads(ours: Ours, peft: PeftProcess, folder: Path, repeats: int) -> dict:
     """Median seconds: our ensure (read + validate + copy), our copy into a slot alone, peft's load_adapter."""
     adapters = ours.engine.adapters
-    ensure_s, copy_s, peft_s = [], [], []
+    ensure_s, copy_s = [], []
     for _ in range(repeats):
         adapters.unload("load-test")
         started = time.perf_counter()
@@ -215,11 +282,7 @@ def time_adapter_loads(ours: Ours, peft: PeftBaseline, folder: Path, repeats: in
         ours.engine.slots.write_slot(slot, parsed)
         copy_s.append(time.perf_counter() - started)
     adapters.unload("load-test")
-    for _ in range(max(2, repeats // 3)):
-        started = time.perf_counter()
-        peft.model.load_adapter(folder, adapter_name="load-test")
-        peft_s.append(time.perf_counter() - started)
-        peft.model.delete_adapter("load-test")
+    peft_s = peft.load_adapter_seconds(folder, max(2, repeats // 3))
     return {
         "ours_ensure_s": _stats(ensure_s),
         "ours_copy_into_slot_s": _stats(copy_s),
@@ -255,14 +318,16 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    model_dir = smollm2_dir() if args.model == "smollm2" else tiny_dir()
+    model_dir = on_short_lived_thread(smollm2_dir if args.model == "smollm2" else tiny_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = chat_prompts(tokenizer)
+    # This process's torch work outside the engine goes on threads that end, so that the engine's
+    # scheduler holds the only OpenMP pool here, as in a replica.
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(model_dir, Path(tmp))
-        ours = Ours(model_dir, adapters)
+        adapters = on_short_lived_thread(lambda: make_adapters(model_dir, Path(tmp)))
+        peft = PeftProcess(model_dir, adapters)
+        ours = on_short_lived_thread(lambda: Ours(model_dir, adapters))
         eos = ours.engine.eos_token_ids
-        peft = PeftBaseline(model_dir, adapters, tokenizer, eos)
         runners = {
             "peft_single_batch16": lambda: peft.single_adapter(prompts),
             "peft_mixed_batch16": lambda: peft.mixed(prompts),
@@ -289,9 +354,10 @@ def main() -> None:
                 outputs[name] = rows
                 print(f"repeat {repeat + 1}/{args.repeats} {name:22s} {tokens} tokens in {seconds:6.2f} s "
                       f"= {tokens / seconds:6.1f} tok/s", flush=True)
-        loads = time_adapter_loads(ours, peft, adapters[0], args.load_repeats)
+        loads = on_short_lived_thread(lambda: time_adapter_loads(ours, peft, adapters[0], args.load_repeats))
         stats = ours.engine.stats()
         ours.engine.close()
+        peft.close()
 
     same_as_peft = sum(
         cut_at_eos(a, eos) == cut_at_eos(b, eos)
@@ -343,7 +409,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Model: {report['model']} (`{report['model_dir']}`, sha256 `{report['model_sha256'][:16]}…`), "
         f"fp32 base on CPU; {setup['adapters']} LoRA adapters r={setup['lora_r']} on all linears (our slots: max rank "
         f"{setup['max_lora_rank']}); {setup['requests']} chat requests x {setup['new_tokens']} greedy tokens; "
-        f"{setup['repeats']} interleaved repeats in one process.",
+        f"{setup['repeats']} interleaved repeats; peft in a process of its own, ours in the benchmark's.",
         "",
         "| Configuration | Generated tokens/s (min / median) |",
         "|---|---|",
