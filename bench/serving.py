@@ -1,6 +1,6 @@
 """Benchmark: multi-adapter serving with slotted batched LoRA against plain peft.
 
-One process, one fp32 base, 8 LoRA adapters of r=16 on all linears, 16 chat requests x 32 greedy
+One fp32 base, 8 LoRA adapters of r=16 on all linears, 16 chat requests x 32 greedy
 tokens. Plain peft baselines: one adapter at batch 16, a mixed batch of 16 over the 8 adapters
 (`adapter_names=`), and one adapter at a time (8 batches of 2, `set_adapter` before each), run in a
 process of its own. Ours
